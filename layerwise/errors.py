@@ -1,0 +1,32 @@
+"""Exceptions for mistakes a user can fix.
+
+The CLI prints a :class:`LayerwiseError` as one red line and exits with code 2; anything
+else is a bug in layerwise and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LayerwiseError(Exception):
+    """A user-facing error: the message alone must say what is wrong and how to fix it."""
+
+
+class RecipeError(LayerwiseError):
+    """A recipe (or an override) that is not valid; the message lists every problem found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        if len(problems) == 1:
+            text = f"{source}: {problems[0]}"
+        else:
+            text = f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(text)
+
+
+class DataError(LayerwiseError):
+    """A dataset that cannot be found or read."""
+
+
+class CheckpointError(LayerwiseError):
+    """A checkpoint or run folder that is missing, corrupt or does not match its recipe."""

@@ -1,0 +1,314 @@
+"""Recipes: YAML files that declare a network of blocks and how to train it.
+
+:func:`load_recipe` reads a file with ``yaml.safe_load``, applies ``key=value`` overrides,
+and checks everything (keys, types, names of layers, objectives and datasets, the block
+graph) before anything runs, reporting every problem at once with its key path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from layerwise.errors import LayerwiseError, RecipeError
+from layerwise.registry import did_you_mean
+from layerwise.schema import Problems, build, join, to_plain
+
+ACTIVATIONS = ("relu", "tanh", "elu", "sigmoid", "gelu")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to train on, and how to batch it."""
+
+    dataset: str
+    batch_size: int = 256
+    # Larger test batches only speed up evaluation; they do not change any result.
+    test_batch_size: int = 1000
+    # Std of Gaussian noise added to training images in [0, 1] pixel space (noise adaptation).
+    train_noise: float = 0.0
+    # Use only the first N training samples: for smoke tests and quick experiments.
+    train_limit: int | None = None
+
+
+@dataclass
+class BlockConfig:
+    """One block: a layer, optional batch-norm and activation, and the objective that trains it."""
+
+    name: str
+    layer: str
+    out: int | None = None
+    act: str | None = None
+    norm: bool = False
+    kernel_size: int = 3
+    stride: int | None = None
+    padding: int = 0
+    p: float = 0.5
+    inputs: list[str] | None = None
+    objective: str | dict[str, Any] = "none"
+    detach: bool = False
+    freeze: bool = False
+
+    @property
+    def objective_name(self) -> str:
+        """The objective's registered name."""
+        return self.objective if isinstance(self.objective, str) else str(self.objective.get("name", ""))
+
+    @property
+    def objective_options(self) -> dict[str, Any]:
+        """The objective's options, without its name."""
+        if isinstance(self.objective, str):
+            return {}
+        return {k: v for k, v in self.objective.items() if k != "name"}
+
+
+@dataclass
+class SubnetworkConfig:
+    """A named group of blocks; the paper's unit is one local block then one backprop block."""
+
+    name: str
+    blocks: list[BlockConfig]
+
+
+@dataclass
+class ModelConfig:
+    """The network: sub-networks in order; the last block is the classifier head."""
+
+    subnetworks: list[SubnetworkConfig]
+
+    def blocks(self) -> list[BlockConfig]:
+        """Every block, in declaration order."""
+        return [block for sub in self.subnetworks for block in sub.blocks]
+
+
+@dataclass
+class OptimizerConfig:
+    """An optimizer for one group of parameters."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class OptimConfig:
+    """One optimizer per local block (``local``) and one for all backprop blocks (``global``)."""
+
+    local: OptimizerConfig = field(default_factory=OptimizerConfig)
+    global_: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"key": "global"})
+
+
+@dataclass
+class TrainConfig:
+    """How long and where to train."""
+
+    epochs: int = 10
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class Recipe:
+    """A whole, validated recipe."""
+
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, as it would be written in YAML."""
+        return to_plain(self)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file safely, turning every failure into a one-line error naming the file."""
+    if not path.is_file():
+        raise LayerwiseError(f"{path}: recipe file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise LayerwiseError(f"{path}: not valid YAML{where}: {reason}") from None
+    except UnicodeDecodeError:
+        raise LayerwiseError(f"{path}: not a text file, so not a YAML recipe") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe file; raise :class:`RecipeError` listing all problems."""
+    path = Path(path)
+    return parse_recipe(read_yaml(path), str(path), overrides)
+
+
+def parse_recipe(data: Any, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validate already-parsed recipe data (from a file or a checkpoint's metadata)."""
+    data = copy.deepcopy(data)
+    problems = Problems()
+    for text in overrides:
+        apply_override(data, text, problems)
+    if problems:
+        raise RecipeError(source, problems.items)
+    recipe = build(Recipe, data, "", problems)
+    if recipe is not None:
+        check_semantics(recipe, problems)
+    if problems:
+        raise RecipeError(source, problems.items)
+    return recipe
+
+
+def apply_override(data: Any, text: str, problems: Problems) -> None:
+    """Apply ``a.b.c=value`` to ``data``. List items are picked by index or by their ``name``."""
+    if "=" not in text:
+        problems.add(f"override '{text}'", "expected KEY=VALUE, for example train.epochs=3")
+        return
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        problems.add(f"override '{text}'", "the key has an empty part")
+        return
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # an unparsable value is taken as a plain string, and type-checked later
+    node, path = data, ""
+    for position, part in enumerate(parts):
+        last = position == len(parts) - 1
+        if isinstance(node, list):
+            index = list_index(node, part)
+            if index is None:
+                names = [str(item.get("name")) for item in node if isinstance(item, dict)]
+                problems.add(join(path, part), f"no list item with index or name '{part}'"
+                                               f"{did_you_mean(part, names)} (override '{text}')")
+                return
+            if last:
+                node[index] = value
+                return
+            node, path = node[index], join(path, index)
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if part not in node:
+                node[part] = {}  # a missing section: the schema check will say if the key is wrong
+            node, path = node[part], join(path, part)
+        else:
+            problems.add(path or key, f"cannot set '{part}' inside {type(node).__name__} (override '{text}')")
+            return
+
+
+def list_index(items: list, part: str) -> int | None:
+    """Index of the list item named ``part``, or ``part`` read as an integer index."""
+    for index, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return index
+    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
+        return int(part) % len(items)
+    return None
+
+
+def block_paths(recipe: Recipe) -> dict[str, str]:
+    """Block name -> its key path in the recipe, for error messages."""
+    return {
+        block.name: f"model.subnetworks[{s}].blocks[{b}]"
+        for s, sub in enumerate(recipe.model.subnetworks)
+        for b, block in enumerate(sub.blocks)
+    }
+
+
+def check_semantics(recipe: Recipe, problems: Problems) -> None:
+    """Checks beyond types: names exist in the registries, numbers are in range, the graph is a DAG."""
+    from layerwise.plugins import registries
+
+    regs = registries()
+    if recipe.data.dataset not in regs.datasets:
+        problems.add("data.dataset", regs.datasets.unknown_message(recipe.data.dataset))
+    positive(problems, "data.batch_size", recipe.data.batch_size)
+    positive(problems, "data.test_batch_size", recipe.data.test_batch_size)
+    if recipe.data.train_limit is not None:
+        positive(problems, "data.train_limit", recipe.data.train_limit)
+    if not 0.0 <= recipe.data.train_noise <= 1.0:
+        problems.add("data.train_noise", f"expected a std in [0, 1], found {recipe.data.train_noise}")
+    positive(problems, "train.epochs", recipe.train.epochs)
+    for key, opt in (("optim.local", recipe.optim.local), ("optim.global", recipe.optim.global_)):
+        positive(problems, f"{key}.lr", opt.lr)
+    if not recipe.model.subnetworks or not recipe.model.blocks():
+        problems.add("model.subnetworks", "the model needs at least one block")
+        return
+    paths = block_paths(recipe)
+    seen: set[str] = set()
+    for block in recipe.model.blocks():
+        path = paths[block.name]
+        if block.name in seen:
+            problems.add(f"{path}.name", f"block name '{block.name}' is used twice")
+        seen.add(block.name)
+        check_block(block, path, regs, problems)
+    check_graph(recipe, paths, problems)
+
+
+def positive(problems: Problems, path: str, value: float) -> None:
+    """Record a problem unless ``value`` > 0."""
+    if value <= 0:
+        problems.add(path, f"expected a value > 0, found {value}")
+
+
+def check_block(block: BlockConfig, path: str, regs, problems: Problems) -> None:
+    """Check one block's layer, sizes, activation and objective."""
+    if block.layer not in regs.layers:
+        problems.add(f"{path}.layer", regs.layers.unknown_message(block.layer))
+    if block.out is not None:
+        positive(problems, f"{path}.out", block.out)
+    positive(problems, f"{path}.kernel_size", block.kernel_size)
+    if block.stride is not None:
+        positive(problems, f"{path}.stride", block.stride)
+    if block.padding < 0:
+        problems.add(f"{path}.padding", f"expected a value >= 0, found {block.padding}")
+    if not 0.0 <= block.p < 1.0:
+        problems.add(f"{path}.p", f"expected a dropout probability in [0, 1), found {block.p}")
+    if block.act is not None and block.act not in ACTIVATIONS:
+        problems.add(f"{path}.act", f"unknown activation '{block.act}'{did_you_mean(block.act, ACTIVATIONS)}; "
+                                    f"known: {', '.join(ACTIVATIONS)}")
+    objective_config(block, f"{path}.objective", regs.objectives, problems)
+
+
+def objective_config(block: BlockConfig, path: str, objectives, problems: Problems):
+    """Build the objective's typed config from the block's options (None when invalid)."""
+    name = block.objective_name
+    if not name:
+        problems.add(f"{path}.name", "required key is missing (the objective's name, e.g. nhsic)")
+        return None
+    if name not in objectives:
+        problems.add(path if isinstance(block.objective, str) else f"{path}.name", objectives.unknown_message(name))
+        return None
+    return build(objectives.get(name).Config, block.objective_options, path, problems)
+
+
+def check_graph(recipe: Recipe, paths: dict[str, str], problems: Problems) -> None:
+    """Unknown input names and cycles; the order of evaluation is found by :mod:`layerwise.graph`."""
+    from layerwise.graph import block_inputs, topological_order
+
+    names = list(paths)
+    ok = True
+    for block in recipe.model.blocks():
+        for source in block.inputs or []:
+            if source not in paths and source != "input":
+                problems.add(f"{paths[block.name]}.inputs", f"unknown block '{source}'"
+                                                            f"{did_you_mean(source, names + ['input'])}")
+                ok = False
+    if ok:
+        try:
+            topological_order(block_inputs(recipe.model.blocks()))
+        except LayerwiseError as exc:
+            problems.add("model", str(exc))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
