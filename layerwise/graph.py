@@ -106,7 +106,7 @@ class Graph(nn.Module):
             shapes[name] = out_shape
             info = BlockInfo(name, in_shape, out_shape, tuple(input_shape), num_classes)
             problems = Problems()
-            config = objective_config(cfg, f"{paths[name]}.objective", regs.objectives, problems)
+            config = objective_config(cfg.objective, f"{paths[name]}.objective", regs.objectives, problems)
             if problems:
                 raise LayerwiseError(f"{recipe.name}: " + "; ".join(problems.items))
             block = Block(cfg, body, regs.objectives.get(cfg.objective_name)(config, info))

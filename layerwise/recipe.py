@@ -16,23 +16,59 @@ import yaml
 
 from layerwise.errors import LayerwiseError, RecipeError
 from layerwise.registry import did_you_mean
-from layerwise.schema import Problems, build, join, to_plain
+from layerwise.schema import Problems, build, check, join, non_negative, positive, to_plain
 
 ACTIVATIONS = ("relu", "tanh", "elu", "sigmoid", "gelu")
+
+
+def known(kind: str):
+    """A ``check`` that the value names a registered component of ``kind`` (objectives, layers, datasets)."""
+
+    def check_name(value: str, path: str, problems: Problems) -> None:
+        from layerwise.plugins import registries
+
+        registry = getattr(registries(), kind)
+        if value not in registry:
+            problems.add(path, registry.unknown_message(value))
+
+    return check_name
+
+
+def known_activation(value: str, path: str, problems: Problems) -> None:
+    """A ``check`` that the value is a built-in activation."""
+    if value not in ACTIVATIONS:
+        problems.add(path, f"unknown activation '{value}'{did_you_mean(value, ACTIVATIONS)}; "
+                           f"known: {', '.join(ACTIVATIONS)}")
+
+
+def unit_interval(value: float, path: str, problems: Problems) -> None:
+    """A ``check`` for a noise std or probability in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        problems.add(path, f"expected a value in [0, 1], found {value}")
+
+
+def valid_objective(value: str | dict, path: str, problems: Problems) -> None:
+    """A ``check`` that the objective is registered and its options fit its config class."""
+    from layerwise.plugins import registries
+
+    objective_config(value, path, registries().objectives, problems)
 
 
 @dataclass
 class DataConfig:
     """Which dataset to train on, and how to batch it."""
 
-    dataset: str
-    batch_size: int = 256
+    dataset: str = check(known("datasets"))
+    batch_size: int = check(positive, 256)
     # Larger test batches only speed up evaluation; they do not change any result.
-    test_batch_size: int = 1000
+    test_batch_size: int = check(positive, 1000)
     # Std of Gaussian noise added to training images in [0, 1] pixel space (noise adaptation).
-    train_noise: float = 0.0
+    train_noise: float = check(unit_interval, 0.0)
     # Use only the first N training samples: for smoke tests and quick experiments.
-    train_limit: int | None = None
+    train_limit: int | None = check(positive, None)
+    # Hold out the last N training samples as a validation set, reported each epoch as
+    # val_acc. Choose hyper-parameters on it, never on the test set.
+    validation: int = check(non_negative, 0)
 
 
 @dataclass
@@ -40,23 +76,23 @@ class BlockConfig:
     """One block: a layer, optional batch-norm and activation, and the objective that trains it."""
 
     name: str
-    layer: str
-    out: int | None = None
-    act: str | None = None
+    layer: str = check(known("layers"))
+    out: int | None = check(positive, None)
+    act: str | None = check(known_activation, None)
     norm: bool = False
-    kernel_size: int = 3
-    stride: int | None = None
-    padding: int = 0
-    p: float = 0.5
+    kernel_size: int = check(positive, 3)
+    stride: int | None = check(positive, None)
+    padding: int = check(non_negative, 0)
+    p: float = check(unit_interval, 0.5)
     inputs: list[str] | None = None
-    objective: str | dict[str, Any] = "none"
+    objective: str | dict[str, Any] = check(valid_objective, "none")
     detach: bool = False
     freeze: bool = False
 
     @property
     def objective_name(self) -> str:
         """The objective's registered name."""
-        return self.objective if isinstance(self.objective, str) else str(self.objective.get("name", ""))
+        return objective_name(self.objective)
 
     @property
     def objective_options(self) -> dict[str, Any]:
@@ -90,8 +126,8 @@ class OptimizerConfig:
     """An optimizer for one group of parameters."""
 
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = check(positive, 1e-3)
+    weight_decay: float = check(non_negative, 0.0)
     momentum: float = 0.9  # sgd only
 
 
@@ -107,7 +143,7 @@ class OptimConfig:
 class TrainConfig:
     """How long and where to train."""
 
-    epochs: int = 10
+    epochs: int = check(positive, 10)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -224,70 +260,36 @@ def block_paths(recipe: Recipe) -> dict[str, str]:
 
 
 def check_semantics(recipe: Recipe, problems: Problems) -> None:
-    """Checks beyond types: names exist in the registries, numbers are in range, the graph is a DAG."""
-    from layerwise.plugins import registries
-
-    regs = registries()
-    if recipe.data.dataset not in regs.datasets:
-        problems.add("data.dataset", regs.datasets.unknown_message(recipe.data.dataset))
-    positive(problems, "data.batch_size", recipe.data.batch_size)
-    positive(problems, "data.test_batch_size", recipe.data.test_batch_size)
-    if recipe.data.train_limit is not None:
-        positive(problems, "data.train_limit", recipe.data.train_limit)
-    if not 0.0 <= recipe.data.train_noise <= 1.0:
-        problems.add("data.train_noise", f"expected a std in [0, 1], found {recipe.data.train_noise}")
-    positive(problems, "train.epochs", recipe.train.epochs)
-    for key, opt in (("optim.local", recipe.optim.local), ("optim.global", recipe.optim.global_)):
-        positive(problems, f"{key}.lr", opt.lr)
-    if not recipe.model.subnetworks or not recipe.model.blocks():
+    """Checks that span blocks: at least one block, unique names, known inputs, no cycles."""
+    if not recipe.model.blocks():
         problems.add("model.subnetworks", "the model needs at least one block")
         return
     paths = block_paths(recipe)
     seen: set[str] = set()
     for block in recipe.model.blocks():
-        path = paths[block.name]
         if block.name in seen:
-            problems.add(f"{path}.name", f"block name '{block.name}' is used twice")
+            problems.add(f"{paths[block.name]}.name", f"block name '{block.name}' is used twice")
         seen.add(block.name)
-        check_block(block, path, regs, problems)
     check_graph(recipe, paths, problems)
 
 
-def positive(problems: Problems, path: str, value: float) -> None:
-    """Record a problem unless ``value`` > 0."""
-    if value <= 0:
-        problems.add(path, f"expected a value > 0, found {value}")
+def objective_name(objective: str | dict) -> str:
+    """The name in a block's ``objective`` entry: the string itself, or the mapping's ``name``."""
+    return objective if isinstance(objective, str) else str(objective.get("name", ""))
 
 
-def check_block(block: BlockConfig, path: str, regs, problems: Problems) -> None:
-    """Check one block's layer, sizes, activation and objective."""
-    if block.layer not in regs.layers:
-        problems.add(f"{path}.layer", regs.layers.unknown_message(block.layer))
-    if block.out is not None:
-        positive(problems, f"{path}.out", block.out)
-    positive(problems, f"{path}.kernel_size", block.kernel_size)
-    if block.stride is not None:
-        positive(problems, f"{path}.stride", block.stride)
-    if block.padding < 0:
-        problems.add(f"{path}.padding", f"expected a value >= 0, found {block.padding}")
-    if not 0.0 <= block.p < 1.0:
-        problems.add(f"{path}.p", f"expected a dropout probability in [0, 1), found {block.p}")
-    if block.act is not None and block.act not in ACTIVATIONS:
-        problems.add(f"{path}.act", f"unknown activation '{block.act}'{did_you_mean(block.act, ACTIVATIONS)}; "
-                                    f"known: {', '.join(ACTIVATIONS)}")
-    objective_config(block, f"{path}.objective", regs.objectives, problems)
-
-
-def objective_config(block: BlockConfig, path: str, objectives, problems: Problems):
-    """Build the objective's typed config from the block's options (None when invalid)."""
-    name = block.objective_name
+def objective_config(objective: str | dict, path: str, objectives, problems: Problems):
+    """Build the objective's typed config from a block's ``objective`` entry (None when invalid)."""
+    name = objective_name(objective)
+    name_path = path if isinstance(objective, str) else f"{path}.name"
     if not name:
-        problems.add(f"{path}.name", "required key is missing (the objective's name, e.g. nhsic)")
+        problems.add(name_path, "required key is missing (the objective's name, e.g. nhsic)")
         return None
     if name not in objectives:
-        problems.add(path if isinstance(block.objective, str) else f"{path}.name", objectives.unknown_message(name))
+        problems.add(name_path, objectives.unknown_message(name))
         return None
-    return build(objectives.get(name).Config, block.objective_options, path, problems)
+    options = {} if isinstance(objective, str) else {k: v for k, v in objective.items() if k != "name"}
+    return build(objectives.get(name).Config, options, path, problems)
 
 
 def check_graph(recipe: Recipe, paths: dict[str, str], problems: Problems) -> None:

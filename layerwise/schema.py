@@ -50,6 +50,8 @@ def join(path: str, key: str | int) -> str:
 def build(cls: type, data: Any, path: str, problems: Problems) -> Any:
     """Build dataclass ``cls`` from mapping ``data``; on problems return None and record them.
 
+    A field's ``check`` metadata, ``check(value, path, problems)``, validates its value as soon
+    as the type is right, so range and name errors are reported beside type errors elsewhere.
     A dataclass may define ``__post_build__(self, path, problems)`` for checks that span fields.
     """
     if not isinstance(data, dict):
@@ -69,6 +71,9 @@ def build(cls: type, data: Any, path: str, problems: Problems) -> Any:
         if name in data:
             before = len(problems.items)
             kwargs[field.name] = convert(hints[field.name], data[name], sub, problems)
+            check = field.metadata.get("check")
+            if check is not None and len(problems.items) == before and kwargs[field.name] is not None:
+                check(kwargs[field.name], sub, problems)
             ok = ok and len(problems.items) == before
         elif field.default is MISSING and field.default_factory is MISSING:
             problems.add(sub, "required key is missing")
@@ -149,6 +154,25 @@ def type_name(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )
+
+
+def positive(value: float, path: str, problems: Problems) -> None:
+    """A ``check`` for fields that must be > 0."""
+    if value <= 0:
+        problems.add(path, f"expected a value > 0, found {value}")
+
+
+def non_negative(value: float, path: str, problems: Problems) -> None:
+    """A ``check`` for fields that must be >= 0."""
+    if value < 0:
+        problems.add(path, f"expected a value >= 0, found {value}")
+
+
+def check(fn, default: Any = MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose value ``fn(value, path, problems)`` validates."""
+    if default is not MISSING:
+        kwargs["default"] = default
+    return dataclasses.field(metadata={"check": fn}, **kwargs)
 
 
 def yaml_key(field: dataclasses.Field) -> str:

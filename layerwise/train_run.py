@@ -9,6 +9,7 @@ import torch
 
 from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
 from layerwise.data import BatchStream, load_split
+from layerwise.errors import LayerwiseError
 from layerwise.graph import Graph
 from layerwise.plugins import registries
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
@@ -31,6 +32,12 @@ def train_recipe(
     if recipe.data.train_limit is not None:
         train_images = train_images[: recipe.data.train_limit]
         train_labels = train_labels[: recipe.data.train_limit]
+    held_out = recipe.data.validation
+    if held_out >= len(train_labels):
+        raise LayerwiseError(f"data.validation: {held_out} samples leave none of the {len(train_labels)} to train on")
+    if held_out:
+        val_images, val_labels = train_images[-held_out:], train_labels[-held_out:]
+        train_images, train_labels = train_images[:-held_out], train_labels[:-held_out]
 
     torch.manual_seed(recipe.seed)
     graph = Graph(recipe, spec.shape, spec.num_classes).to(device)
@@ -44,6 +51,13 @@ def train_recipe(
         spec, test_images, test_labels, batch_size=recipe.data.test_batch_size, shuffle=False,
         seed=0, noise=recipe.data.train_noise, noise_seed=0, device=device,
     )
+
+    val_stream = None
+    if held_out:
+        val_stream = BatchStream(
+            spec, val_images, val_labels, batch_size=recipe.data.test_batch_size, shuffle=False,
+            seed=0, noise=recipe.data.train_noise, noise_seed=1, device=device,
+        )
 
     run = create_run_dir(runs_root, recipe)
     write_run_files(run, recipe, device)
@@ -64,12 +78,15 @@ def train_recipe(
             bars.remove_task(testing)
             record = {"epoch": epoch, **summary, "test_acc": test["acc"], "test_loss": test["loss"],
                       "train_seconds": round(train_seconds, 3)}
+            if val_stream is not None:
+                record["val_acc"] = evaluate(graph, val_stream)["acc"]
             history.append(record)
             log.append(record)
             save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
             bars.advance(epochs)
-            stderr.print(f"epoch {epoch}: train acc {record['train_acc']:.2%}, test acc {record['test_acc']:.2%}, "
-                         f"{train_seconds:.1f}s")
+            val = f", val acc {record['val_acc']:.2%}" if val_stream is not None else ""
+            stderr.print(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
+                         f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s")
     stdout.print(epoch_table(history))
     stdout.print(f"Run folder: {run}")
     return run

@@ -1,0 +1,71 @@
+"""Shared fixtures: a private data cache, the real-data location, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path_factory, monkeypatch):
+    """Decoded-dataset caches go to a per-session folder, never the user's home."""
+    monkeypatch.setenv("LAYERWISE_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+@pytest.fixture
+def mnist_available():
+    """Skip unless real MNIST is beside the repository (as in CI: ../shared/data)."""
+    if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+
+
+class CliResult:
+    """Exit code and captured output of one in-process ``layerwise`` call."""
+
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``layerwise ARGS...`` in-process through the real entry point (error handling included)."""
+    from layerwise.cli import main
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["layerwise", *args])
+        monkeypatch.setenv("COLUMNS", "200")  # wide enough that rich does not wrap messages
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def tiny_recipe(**data_overrides) -> dict:
+    """A small hybrid MLP recipe as plain data, for fast tests."""
+    data = {"dataset": "mnist", "batch_size": 64, **data_overrides}
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": data,
+        "model": {
+            "subnetworks": [
+                {"name": "sn1", "blocks": [
+                    {"name": "hsic1", "layer": "linear", "out": 32, "act": "relu",
+                     "objective": {"name": "nhsic", "sigma": 5, "beta": 100}},
+                    {"name": "bp1", "layer": "linear", "out": 16, "act": "relu"},
+                ]},
+                {"name": "sn2", "blocks": [{"name": "head", "layer": "linear", "out": 10}]},
+            ]
+        },
+        "train": {"epochs": 1, "device": "cpu"},
+    }
