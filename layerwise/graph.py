@@ -114,6 +114,7 @@ class Graph(nn.Module):
                 block.requires_grad_(False)
             self.blocks[name] = block
         self.shapes = shapes
+        self.train()  # puts frozen blocks in eval mode from the start, so their statistics never move
         if shapes[self.head] != (num_classes,):
             raise LayerwiseError(
                 f"{recipe.name}: the head block '{self.head}' (the last block) outputs shape "

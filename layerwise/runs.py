@@ -62,6 +62,17 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), for run records and benchmarks."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_run_files(run: Path, recipe: Recipe, device: torch.device) -> None:
     """``recipe.yaml`` (resolved) and ``env.json`` (versions, device, seed, commit, argv)."""
     write_text_atomic(run / "recipe.yaml", dump_recipe(recipe))
@@ -71,7 +82,7 @@ def write_run_files(run: Path, recipe: Recipe, device: torch.device) -> None:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "seed": recipe.seed,
         "git_commit": git_commit(),

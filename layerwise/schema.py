@@ -9,6 +9,7 @@ fixes a recipe in one pass.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -83,7 +84,10 @@ def build(cls: type, data: Any, path: str, problems: Problems) -> Any:
     obj = cls(**kwargs)
     post = getattr(obj, "__post_build__", None)
     if post is not None:
+        before = len(problems.items)
         post(path, problems)
+        if len(problems.items) != before:
+            return None
     return obj
 
 
@@ -133,7 +137,15 @@ def convert(hint: Any, value: Any, path: str, problems: Problems) -> Any:
             problems.add(path, f"expected an integer, found {describe(value)}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            # PyYAML reads 1e-4 (no dot) as a string; accept any finite number written that way.
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             problems.add(path, f"expected a number, found {describe(value)}")
             return value
         return float(value)

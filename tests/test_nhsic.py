@@ -402,11 +402,6 @@ def test_config_reports_every_problem_at_once():
     assert sorted(p.split(":")[0] for p in problems) == ["obj.beta", "obj.eps", "obj.sigma"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schema.build documents 'on problems return None', but problems found by "
-    "__post_build__ (sigma <= 0, beta < 0, eps <= 0) still return the built config object",
-)
 def test_config_with_range_problems_builds_nothing():
     cfg, problems = build_config({"sigma": -1})
     assert problems

@@ -144,3 +144,15 @@ def test_resolved_recipe_round_trips_through_plain_data():
     again = parse_recipe(recipe.to_dict(), "again")
     assert again == recipe
     assert "global" in recipe.to_dict()["optim"]
+
+
+def test_numbers_in_exponent_form_without_a_dot_are_numbers():
+    # PyYAML reads 1e-4 as a string; users write it anyway.
+    recipe = parse_recipe(tiny_recipe(), "t", ["optim.local.lr=1e-4"])
+    assert recipe.optim.local.lr == 1e-4
+
+
+@pytest.mark.parametrize("value", ["nan", ".inf", "fast"])
+def test_non_finite_or_non_numeric_floats_are_rejected(value):
+    with pytest.raises(RecipeError, match=r"optim\.local\.lr: expected a number"):
+        parse_recipe(tiny_recipe(), "t", [f"optim.local.lr={value}"])
