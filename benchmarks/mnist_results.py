@@ -33,7 +33,7 @@ def run_one(name: str, epochs: int | None, runs_dir: Path, noise: list[float]) -
     overrides = [f"train.epochs={epochs}"] if epochs else []
     recipe = load_recipe(shipped_recipes()[name], overrides + ["train.device=cpu"])
     started = time.perf_counter()
-    run = train_recipe(recipe, runs_dir, show_progress=False)
+    run = train_recipe(recipe, runs_dir, show_progress=False, quiet=True)
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     report = evaluate_noise(run / WEIGHTS_FILE, noise, show_progress=False)

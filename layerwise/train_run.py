@@ -23,8 +23,12 @@ def train_recipe(
     runs_root: str | Path = "runs",
     data_root: str | Path | None = None,
     show_progress: bool = True,
+    quiet: bool = False,
 ) -> Path:
-    """Train ``recipe`` to the end, checkpointing every epoch; return the run folder."""
+    """Train ``recipe`` to the end, checkpointing every epoch; return the run folder.
+
+    ``quiet`` drops the per-epoch lines and the final table (for scripts running many recipes).
+    """
     device = resolve_device(recipe.train.device)
     spec = registries().datasets.get(recipe.data.dataset)
     train_images, train_labels = load_split(spec, "train", data_root)
@@ -63,7 +67,9 @@ def train_recipe(
     write_run_files(run, recipe, device)
     log = MetricsLog(run / "metrics.jsonl")
     history: list[dict] = []
-    stderr.print(f"[bold]{recipe.name}[/]: {len(train_labels)} training samples on {device}; run folder {run}")
+    show_progress = show_progress and not quiet
+    say = (lambda *args: None) if quiet else stderr.print
+    say(f"[bold]{recipe.name}[/]: {len(train_labels)} training samples on {device}; run folder {run}")
     with progress_bar(show_progress) as bars:
         epochs = bars.add_task("epochs", total=recipe.train.epochs)
         for epoch in range(1, recipe.train.epochs + 1):
@@ -85,8 +91,9 @@ def train_recipe(
             save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
             bars.advance(epochs)
             val = f", val acc {record['val_acc']:.2%}" if val_stream is not None else ""
-            stderr.print(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
+            say(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
                          f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s")
-    stdout.print(epoch_table(history))
-    stdout.print(f"Run folder: {run}")
+    if not quiet:
+        stdout.print(epoch_table(history))
+        stdout.print(f"Run folder: {run}")
     return run
