@@ -176,6 +176,18 @@ def plugins() -> None:
     stdout.print(table)
 
 
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders to draw together.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
+) -> None:
+    """Draw test accuracy per epoch, and accuracy against noise from each run's eval/ (needs layerwise[plot])."""
+    from layerwise.plot import plot_runs
+
+    for path in plot_runs(runs, out):
+        stdout.print(f"Wrote {path}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one red line and exit code 2."""
     try:
