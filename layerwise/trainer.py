@@ -39,7 +39,8 @@ def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.op
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters instead of a Python loop of small ops (CPU and CUDA).
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ Two normalisations:
 - ``cca`` (the papers'): ``nHSIC(A, B) = tr(Ra Rb)``, ``R = Kc (Kc + eps m I)^-1``.
   Writing ``M = Kc + lam I`` with ``lam = eps m``, ``R = I - lam M^-1`` and so
   ``d tr(Ra Rb) / d Kc_a = lam M^-1 Rb M^-1``. :class:`CCAStatistic` uses that closed form:
-  one Cholesky factor of ``M`` serves the forward and the backward, instead of autograd
+  one Cholesky-based inverse of ``M`` serves the forward and the backward, instead of autograd
   differentiating through the factorisation.
 - ``cka``: ``<Kc_a, Kc_b>_F / (||Kc_a||_F ||Kc_b||_F)``, in [0, 1] and with no solve.
 
@@ -79,20 +79,28 @@ def center(gram: torch.Tensor) -> torch.Tensor:
     return gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
 
 
-def ridge_factor(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
-    """Cholesky factor of ``Kc + eps m I`` and the ridge ``eps m``."""
+def ridge_inverse(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
+    """``M^-1 = (Kc + eps m I)^-1`` from a Cholesky factor, and the ridge ``eps m``.
+
+    Why an inverse although solves are the usual advice: ``M`` is symmetric positive definite
+    with condition number at most ``1 + max eig(Kc) / ridge``, so inverting through its Cholesky
+    factor loses nothing over solving with it; and on the CPU ``cholesky_inverse`` costs a
+    third of a ``cholesky_solve`` with ``m`` right-hand sides, while the backward needs
+    ``M^-1 G M^-1``, two plain matmuls once ``M^-1`` exists.
+    """
     ridge = eps * centered.shape[0]
     eye = torch.eye(centered.shape[0], dtype=centered.dtype, device=centered.device)
     factor, info = torch.linalg.cholesky_ex(centered + ridge * eye)
     if int(info) != 0:  # only reached with NaN/Inf features; a PSD Kc plus a ridge is positive definite
         raise FloatingPointError("nHSIC: the regularised kernel is not positive definite (non-finite features?)")
-    return factor, ridge
+    return torch.cholesky_inverse(factor), ridge
 
 
 def cca_operator(centered: torch.Tensor, eps: float) -> torch.Tensor:
-    """``R = Kc (Kc + eps m I)^-1``, by a Cholesky solve (``Kc`` and the inverse commute)."""
-    factor, _ = ridge_factor(centered, eps)
-    return torch.cholesky_solve(centered, factor)
+    """``R = Kc (Kc + eps m I)^-1``, computed as ``I - eps m (Kc + eps m I)^-1``."""
+    inverse, ridge = ridge_inverse(centered, eps)
+    eye = torch.eye(centered.shape[0], dtype=centered.dtype, device=centered.device)
+    return eye - ridge * inverse
 
 
 class CCAStatistic(torch.autograd.Function):
@@ -100,21 +108,21 @@ class CCAStatistic(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, centered_z: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, eps: float) -> torch.Tensor:
-        factor, ridge = ridge_factor(centered_z, eps)
-        r_z = torch.cholesky_solve(centered_z, factor)
-        # tr(A B) = sum(A * B^T); every R here is symmetric.
-        stats = torch.stack(((r_z * r_x).sum(), (r_z * r_y).sum()))
-        ctx.save_for_backward(factor, r_x, r_y)
+        inverse, ridge = ridge_inverse(centered_z, eps)
+        # tr(Rz R) = tr(R) - ridge * tr(M^-1 R), and tr(A B) = sum(A * B^T) with every matrix symmetric.
+        stats = torch.stack((
+            torch.diagonal(r_x).sum() - ridge * (inverse * r_x).sum(),
+            torch.diagonal(r_y).sum() - ridge * (inverse * r_y).sum(),
+        ))
+        ctx.save_for_backward(inverse, r_x, r_y)
         ctx.ridge = ridge
         return stats
 
     @staticmethod
     def backward(ctx, grad_stats: torch.Tensor):
-        factor, r_x, r_y = ctx.saved_tensors
+        inverse, r_x, r_y = ctx.saved_tensors
         weighted = grad_stats[0] * r_x + grad_stats[1] * r_y
-        left = torch.cholesky_solve(weighted, factor)  # M^-1 G
-        grad = torch.cholesky_solve(left.T.contiguous(), factor)  # M^-1 G M^-1 (G symmetric)
-        return ctx.ridge * grad, None, None, None
+        return ctx.ridge * (inverse @ weighted @ inverse), None, None, None
 
 
 def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:

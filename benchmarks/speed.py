@@ -1,0 +1,133 @@
+"""Time one training step of the MNIST recipes, alternating between them in one process.
+
+Alternating keeps the ratios honest on a shared, noisy machine: every method sees the same
+background load. Reports the median ms per batch (after warm-up), samples per second, and each
+method's time relative to ``mnist_backprop``. Writes ``docs/results/speed.json`` and
+``docs/results/speed.md``.
+
+    python benchmarks/speed.py                 # 1 thread, batch 256, 30 rounds of 5 steps
+    python benchmarks/speed.py --tiny          # a few steps, to check the code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from layerwise.atomic import write_text_atomic
+from layerwise.graph import Graph
+from layerwise.recipe import load_recipe
+from layerwise.runs import cpu_name
+from layerwise.shipped import shipped_recipes
+from layerwise.trainer import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = "mnist_backprop"
+
+
+def make_trainer(name: str, overrides: list[str], device: torch.device) -> Trainer:
+    """A trainer for a shipped MNIST recipe (28x28 grey input, 10 classes)."""
+    recipe = load_recipe(shipped_recipes()[name], overrides)
+    torch.manual_seed(0)
+    graph = Graph(recipe, (1, 28, 28), 10).to(device)
+    graph.train()
+    return Trainer(graph, recipe, 10)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timing is true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Milliseconds per step over ``steps`` consecutive steps."""
+    sync(x.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.step(x, y)
+    sync(x.device)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+def measure(names: list[str], overrides: list[str], batch: int, rounds: int, steps: int, warmup: int,
+            device: torch.device) -> dict[str, list[float]]:
+    """Per-method lists of ms/step, measured round-robin."""
+    trainers = {name: make_trainer(name, overrides, device) for name in names}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
+    for trainer in trainers.values():
+        time_steps(trainer, x, y, warmup)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            samples[name].append(time_steps(trainer, x, y, steps))
+    return samples
+
+
+def summarise(samples: dict[str, list[float]], batch: int) -> dict[str, dict]:
+    """Median ms/batch, samples/s and the ratio to the baseline."""
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    base = medians.get(BASELINE)
+    return {
+        name: {
+            "ms_per_batch": round(ms, 3),
+            "samples_per_s": round(1000 * batch / ms, 1),
+            "vs_backprop": round(ms / base, 3) if base else None,
+            "spread_ms": [round(min(samples[name]), 3), round(max(samples[name]), 3)],
+        }
+        for name, ms in medians.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Time training steps of the MNIST recipes, alternating.")
+    parser.add_argument("--recipes", nargs="+", default=["mnist_backprop", "mnist_hybrid", "mnist_hsic"])
+    parser.add_argument("--override", nargs="*", default=[], help="recipe overrides applied to every recipe")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed sample")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tiny", action="store_true", help="2 rounds of 1 step at batch 32")
+    parser.add_argument("--name", default="speed", help="output name under --out")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch, args.rounds, args.steps, args.warmup = 32, 2, 1, 1
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    samples = measure(args.recipes, args.override, args.batch, args.rounds, args.steps, args.warmup, device)
+    result = {
+        "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "machine": {"cpu": cpu_name(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "batch": args.batch,
+        "overrides": args.override,
+        "results": summarise(samples, args.batch),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+    lines = [f"Command: `{result['command'].strip()}`", "",
+             f"Machine: {result['machine']['cpu']}, device {result['machine']['device']}, "
+             f"{result['machine']['threads']} thread(s), torch {result['machine']['torch']}; batch {args.batch}; "
+             f"median of {args.rounds} samples of {args.steps} steps, methods alternating.", "",
+             "| recipe | ms / batch | samples / s | × backprop |", "|---|---|---|---|"]
+    for name, row in result["results"].items():
+        ratio = f"{row['vs_backprop']:.2f}" if row["vs_backprop"] else "-"
+        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} |")
+    write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
