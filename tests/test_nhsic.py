@@ -413,3 +413,50 @@ def test_config_rejects_wrong_types():
     assert cfg is None
     assert any(p.startswith("obj.sigma:") and "number" in p for p in problems)
     assert any(p.startswith("obj.beta:") and "number" in p for p in problems)
+
+
+# --------------------------------------------------------------------------- random Fourier features
+
+
+@pytest.mark.parametrize("normalization", ["cca", "cka"])
+def test_rff_estimator_approaches_the_exact_value_as_features_grow(normalization):
+    torch.manual_seed(0)
+    m = 128
+    x = torch.randn(m, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (m,))
+    z = torch.tanh(x.flatten(1) @ torch.randn(64, 32, dtype=torch.float64))
+    info = BlockInfo("b", (64,), (32,), (1, 8, 8), 10)
+
+    def terms(**options):
+        objective = NHSIC(NHSICConfig(sigma=1.0, normalization=normalization, **options), info).double()
+        _, metrics = objective.loss(z, LossContext(x=x, y=y, num_classes=10))
+        return torch.stack([metrics["hsic_zx"], metrics["hsic_zy"]])
+
+    exact = terms()
+    errors = [((terms(estimator="rff", features=d) - exact).abs() / exact.abs()).max().item() for d in (16, 128, 1024)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.1, errors
+
+
+def test_rff_estimator_has_gradients_and_shares_input_features_across_blocks():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    y = torch.randint(0, 10, (64,))
+    ctx = LossContext(x=x, y=y, num_classes=10)
+    info = BlockInfo("b", (16,), (8,), (16,), 10)
+    config = NHSICConfig(estimator="rff", features=64)
+    first, second = NHSIC(config, info), NHSIC(config, info)
+    z = torch.randn(64, 8, requires_grad=True)
+    loss, _ = first.loss(z, ctx)
+    cached = len(ctx.kernels)
+    second.loss(torch.randn(64, 8), ctx)
+    assert len(ctx.kernels) == cached, "the second block reuses the X and Y features"
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.equal(first.freqs_x, second.freqs_x)
+    assert "freqs_x" not in first.state_dict(), "frequencies are regenerated from the seed, not saved"
+
+
+def test_rff_features_must_be_positive():
+    _, problems = build_config({"estimator": "rff", "features": 0})
+    assert any("features" in p for p in problems)

@@ -27,10 +27,16 @@ Two normalisations:
 
 The input and label terms (``R_x``, ``R_y`` or the unit-norm centred Grams) do not depend on
 the block, so they are computed once per batch and shared through ``ctx.kernels``.
+
+For large batches, ``estimator: rff`` replaces each kernel by ``D`` random Fourier features
+``Phi`` with ``Kc ~ Phi Phi^T`` (Rahimi and Recht, 2007). Both normalisations then need only
+``D x D`` matrices: CKA is ``||Pa^T Pb||_F^2 / (||Pa^T Pa||_F ||Pb^T Pb||_F)``, and by the
+push-through identity ``R = Phi (Phi^T Phi + eps m I)^-1 Phi^T``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +59,13 @@ class NHSICConfig:
     normalization: Literal["cca", "cka"] = "cca"
     # Ridge of the cca form, relative to the batch size (the papers use 1e-5).
     eps: float = 1e-5
+    # "exact" builds m x m Gram matrices; "rff" approximates each kernel with random Fourier
+    # features, costing O(m D^2) instead of O(m^2 d + m^3), for batches in the thousands.
+    estimator: Literal["exact", "rff"] = "exact"
+    # Number D of random Fourier features per kernel (rff only); the error shrinks like 1/sqrt(D).
+    features: int = 512
+    # Seed of the random frequencies; every block shares it, so the X and Y features agree.
+    feature_seed: int = 0
 
     def __post_build__(self, path: str, problems: Problems) -> None:
         if self.sigma <= 0:
@@ -61,6 +74,8 @@ class NHSICConfig:
             problems.add(join(path, "beta"), f"must be >= 0, found {self.beta}")
         if self.eps <= 0:
             problems.add(join(path, "eps"), f"must be > 0, found {self.eps}")
+        if self.features <= 0:
+            problems.add(join(path, "features"), f"must be > 0, found {self.features}")
 
 
 def gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -131,11 +146,77 @@ def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
     return centered / centered.norm().clamp_min(torch.finfo(centered.dtype).tiny)
 
 
+def fourier_frequencies(width: int, cfg: "NHSICConfig") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frequencies ``W`` (width, D) and phases ``b`` (D,) whose features approximate the kernel.
+
+    By Bochner's theorem ``exp(-||a - b||^2 / (2 s^2))`` is the expectation of
+    ``2 cos(w.a + u) cos(w.b + u)`` for ``w ~ N(0, I / s^2)``, ``u ~ U[0, 2 pi)``; here
+    ``s^2 = sigma^2 d``. Seeded by width, so every block draws the same features for X and Y.
+    """
+    generator = torch.Generator().manual_seed(cfg.feature_seed * 1_000_003 + width)
+    freqs = torch.randn(width, cfg.features, generator=generator) / (cfg.sigma * math.sqrt(width))
+    phases = torch.rand(cfg.features, generator=generator) * (2 * math.pi)
+    return freqs, phases
+
+
+def centered_features(values: torch.Tensor, freqs: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Column-centred random Fourier features ``Phi`` (m, D), so that ``Kc ~ Phi Phi^T``."""
+    phi = torch.cos(values @ freqs + phases) * math.sqrt(2.0 / freqs.shape[1])
+    return phi - phi.mean(dim=0, keepdim=True)
+
+
+def feature_cca_factor(phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """Cholesky factor of ``Phi^T Phi + eps m I`` (D x D): ``R = Phi S^-1 Phi^T`` by push-through."""
+    ridge = eps * phi.shape[0]
+    gram = phi.T @ phi
+    return torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+
+
+def feature_cca(phi_a: torch.Tensor, factor_a: torch.Tensor, phi_b: torch.Tensor, factor_b: torch.Tensor) -> torch.Tensor:
+    """``tr(Ra Rb) = tr(Sa^-1 Ca Sb^-1 Ca^T)`` with ``Ca = Phi_a^T Phi_b``: only D x D work."""
+    cross = phi_a.T @ phi_b
+    left = torch.cholesky_solve(cross, factor_a)
+    right = torch.cholesky_solve(cross.T.contiguous(), factor_b)
+    return (left * right.T).sum()
+
+
+def feature_cka(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
+    """CKA from features: ``||Pa^T Pb||_F^2 / (||Pa^T Pa||_F ||Pb^T Pb||_F)``."""
+    tiny = torch.finfo(phi_a.dtype).tiny
+    cross = (phi_a.T @ phi_b).square().sum()
+    return cross / ((phi_a.T @ phi_a).norm() * (phi_b.T @ phi_b).norm()).clamp_min(tiny)
+
+
 class NHSIC(Objective):
     """``nhsic``: the normalised HSIC bottleneck, ``nHSIC(Z, X) - beta * nHSIC(Z, Y)``."""
 
     name = "nhsic"
     Config = NHSICConfig
+
+    def __init__(self, config: NHSICConfig, info):
+        super().__init__(config, info)
+        if config.estimator == "rff":
+            # Buffers, so the frequencies follow the model to its device once; not saved in
+            # checkpoints (persistent=False) since the seed regenerates them exactly.
+            widths = {"z": math.prod(info.out_shape), "x": math.prod(info.input_shape), "y": info.num_classes}
+            for name, width in widths.items():
+                freqs, phases = fourier_frequencies(width, config)
+                self.register_buffer(f"freqs_{name}", freqs, persistent=False)
+                self.register_buffer(f"phases_{name}", phases, persistent=False)
+
+    def rff_terms(self, z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ctx: LossContext):
+        """``(nHSIC(Z, X), nHSIC(Z, Y))`` from random Fourier features."""
+        cfg: NHSICConfig = self.config
+        key = ("nhsic-rff", cfg.sigma, cfg.features, cfg.feature_seed, z.dtype)
+        phi_x = ctx.kernels.get(key + ("x",), lambda: centered_features(x, self.freqs_x.to(x.dtype), self.phases_x.to(x.dtype)))
+        phi_y = ctx.kernels.get(key + ("y",), lambda: centered_features(y, self.freqs_y.to(y.dtype), self.phases_y.to(y.dtype)))
+        phi_z = centered_features(z, self.freqs_z.to(z.dtype), self.phases_z.to(z.dtype))
+        if cfg.normalization == "cka":
+            return feature_cka(phi_z, phi_x), feature_cka(phi_z, phi_y)
+        factor_x = ctx.kernels.get(key + (cfg.eps, "x-factor"), lambda: feature_cca_factor(phi_x, cfg.eps))
+        factor_y = ctx.kernels.get(key + (cfg.eps, "y-factor"), lambda: feature_cca_factor(phi_y, cfg.eps))
+        factor_z = feature_cca_factor(phi_z, cfg.eps)
+        return feature_cca(phi_z, factor_z, phi_x, factor_x), feature_cca(phi_z, factor_z, phi_y, factor_y)
 
     def loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg: NHSICConfig = self.config
@@ -144,7 +225,9 @@ class NHSIC(Objective):
         z = z.flatten(1).to(dtype)
         x = ctx.x.flatten(1).to(dtype)
         y = ctx.y_onehot().to(dtype)
-        if cfg.normalization == "cca":
+        if cfg.estimator == "rff":
+            hsic_zx, hsic_zy = self.rff_terms(z, x, y, ctx)
+        elif cfg.normalization == "cca":
             key = ("nhsic-cca", cfg.sigma, cfg.eps, dtype)
             r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(center(gaussian_gram(x, cfg.sigma)), cfg.eps))
             r_y = ctx.kernels.get(key + ("y",), lambda: cca_operator(center(gaussian_gram(y, cfg.sigma)), cfg.eps))
