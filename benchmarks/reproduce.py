@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (sensitivity: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
-    parser.add_argument("--only", default="", help="run only jobs whose key contains this text, e.g. mnist/")
+    parser.add_argument("--only", default="", help="run only jobs whose key starts with this, e.g. mnist/hybrid")
     parser.add_argument("--tiny", action="store_true", help="1 epoch on 1,000 samples, to check the code")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         extra.append(f"train.epochs={args.epochs}")
     if args.tiny:
         extra += ["train.epochs=1", "data.train_limit=1000"]
-    jobs = [job for job in STUDIES[args.study](seeds) if args.only in job.key]
+    jobs = [job for job in STUDIES[args.study](seeds) if job.key.startswith(args.only)]
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / f"{args.study}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}, "total_seconds": 0.0}
@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
                              completed=len(jobs) - len(todo))
         for job in todo:
             bars.update(task, description=f"{args.study}: {job.key}")
-            record = run_job(job, extra, args.runs_dir)
+            held_out = args.tiny and any(o.startswith("data.validation=") for o in job.overrides)
+            record = run_job(job, extra + (["data.validation=200"] if held_out else []), args.runs_dir)
             state["records"][job.key] = record
             state["total_seconds"] += record["wall_seconds"]
             write_results(args.study, args.out, state)

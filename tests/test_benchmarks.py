@@ -1,0 +1,60 @@
+"""The benchmark and reproduction scripts, each run in a tiny configuration so they keep working."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def load(name: str):
+    """Import ``benchmarks/<name>.py`` (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docs_quote_the_current_measured_tables():
+    assert load("sync_docs").main(["--check"]) == 0, "run python benchmarks/sync_docs.py"
+
+
+@pytest.mark.parametrize("study, only", [("accuracy", "mnist/hybrid"), ("noise", "noise0.5/hsic"),
+                                         ("sensitivity", "sigma5/beta100")])
+def test_each_study_runs_tiny_and_resumes(tmp_path, mnist_available, study, only, monkeypatch):
+    reproduce = load("reproduce")
+    args = [study, "--tiny", "--seeds", "0", "--only", only, "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    reproduce.main(args)
+    state = json.loads((tmp_path / f"{study}.json").read_text())
+    assert len(state["records"]) == 1
+    record = next(iter(state["records"].values()))
+    assert 0.0 <= record["test_acc"] <= 1.0 and record["epochs"] == 1
+    assert "| " in (tmp_path / f"{study}.md").read_text()
+
+    def must_not_run(*_):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(reproduce, "run_job", must_not_run)
+    reproduce.main(args)  # resumes: every job is already done
+
+
+def test_speed_benchmark_tiny(tmp_path):
+    result = load("speed").main(["--tiny", "--out", str(tmp_path)])
+    rows = result["results"]
+    assert set(rows) == {"mnist_backprop", "mnist_hybrid", "mnist_hsic"}
+    assert rows["mnist_backprop"]["vs_backprop"] == 1.0
+    assert all(row["ms_per_batch"] > 0 for row in rows.values())
+    assert (tmp_path / "speed.md").exists()
+
+
+def test_memory_benchmark_tiny(tmp_path):
+    result = load("memory").main(["--depths", "2", "--batch", "32", "--methods", "backprop", "hsic",
+                                  "--out", str(tmp_path)])
+    assert [(r["method"], r["depth"]) for r in result["rows"]] == [("backprop", 2), ("hsic", 2)]
+    assert all(r["peak_mib"] >= 0 for r in result["rows"])
