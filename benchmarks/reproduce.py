@@ -171,6 +171,27 @@ def sensitivity_markdown(records: dict) -> list[str]:
     return lines
 
 
+def accuracy_figures(records: dict, out: Path) -> list[Path]:
+    """Per dataset: mean test accuracy per epoch, and against test-noise std, one curve per method."""
+    from layerwise.plot import draw
+
+    written = []
+    for dataset in dict.fromkeys(r["dataset"] for r in records.values()):
+        curves, sweeps = {}, {}
+        for (_, method), rows in group({k: r for k, r in records.items() if r["dataset"] == dataset},
+                                       "dataset", "method").items():
+            epochs = range(1, len(rows[0]["test_acc_by_epoch"]) + 1)
+            curves[method] = (list(epochs), [statistics.mean(r["test_acc_by_epoch"][e - 1] for r in rows) for e in epochs])
+            sweeps[method] = (SWEEP, [statistics.mean(r["noise"][f"{s:g}"] for r in rows) for s in SWEEP])
+        written.append(draw(curves, out / f"accuracy-{dataset}.png", "epoch",
+                            f"{dataset}: test accuracy per epoch (mean over seeds)"))
+        written.append(draw(sweeps, out / f"noise-{dataset}.png", "test noise std (pixel space, clean training)",
+                            f"{dataset}: robustness to Gaussian noise"))
+    return written
+
+
+FIGURES = {"accuracy": accuracy_figures}
+
 RENDERERS = {"accuracy": accuracy_markdown, "noise": noise_markdown, "sensitivity": sensitivity_markdown}
 
 
@@ -224,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
             write_results(args.study, args.out, state)
             bars.advance(task)
     write_results(args.study, args.out, state)
+    if args.study in FIGURES and state["records"]:
+        for path in FIGURES[args.study](state["records"], args.out / "figures"):
+            print(f"Wrote {path}")
     print((args.out / f"{args.study}.md").read_text())
 
 

@@ -37,37 +37,39 @@ def read_noise_report(run: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def plot_runs(runs: list[Path], out: Path) -> list[Path]:
-    """Write ``accuracy.png`` (and ``noise.png`` when runs have eval reports) to ``out``."""
-    plt = pyplot()
-    runs = [run.resolve() for run in runs]
-    histories = {run: read_history(run) for run in runs}
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+Series = dict[str, tuple[list[float], list[float]]]
+"""Curves by label: (x values, y values)."""
 
+
+def draw(series: Series, path: Path, xlabel: str, title: str) -> Path:
+    """One figure of accuracy curves (y in [0, 1], drawn as %), saved as PNG at ``path``."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run, history in histories.items():
-        ax.plot([r["epoch"] for r in history], [100 * r["test_acc"] for r in history], marker="o", label=run.name)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy per epoch")
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(out / "accuracy.png")
+    return path
 
-    reports = {run: read_noise_report(run) for run in runs}
-    reports = {run: report for run, report in reports.items() if report}
-    if reports:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run, report in reports.items():
-            rows = report["results"]
-            ax.plot([r["noise"] for r in rows], [100 * r["acc"] for r in rows], marker="o", label=run.name)
-        ax.set(xlabel="test noise std (pixel space)", ylabel="test accuracy (%)", title="Robustness to Gaussian noise")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(out / "noise.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "noise.png")
+
+def plot_runs(runs: list[Path], out: Path) -> list[Path]:
+    """Write ``accuracy.png`` (and ``noise.png`` when runs have eval reports) to ``out``."""
+    pyplot()  # fail early, before reading anything, when matplotlib is missing
+    runs = [run.resolve() for run in runs]
+    accuracy: Series = {}
+    noise: Series = {}
+    for run in runs:
+        history = read_history(run)
+        accuracy[run.name] = ([r["epoch"] for r in history], [r["test_acc"] for r in history])
+        report = read_noise_report(run)
+        if report:
+            noise[run.name] = ([r["noise"] for r in report["results"]], [r["acc"] for r in report["results"]])
+    written = [draw(accuracy, out / "accuracy.png", "epoch", "Test accuracy per epoch")]
+    if noise:
+        written.append(draw(noise, out / "noise.png", "test noise std (pixel space)", "Robustness to Gaussian noise"))
     return written

@@ -36,6 +36,9 @@ def test_each_study_runs_tiny_and_resumes(tmp_path, mnist_available, study, only
     record = next(iter(state["records"].values()))
     assert 0.0 <= record["test_acc"] <= 1.0 and record["epochs"] == 1
     assert "| " in (tmp_path / f"{study}.md").read_text()
+    if study == "accuracy":
+        assert (tmp_path / "figures" / "accuracy-mnist.png").read_bytes().startswith(b"\x89PNG")
+        assert (tmp_path / "figures" / "noise-mnist.png").exists()
 
     def must_not_run(*_):
         raise AssertionError("a finished job ran again")
