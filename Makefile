@@ -5,14 +5,17 @@ BIN := $(VENV)/bin
 # torch pinned to the builds this project's machines hold on local disk (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 RECIPE ?= recipes/mnist_hybrid.yaml
+# The plugins shipped under plugins/, installed editable: tests and recipes (mnist_localce, mnist_simmatch) use them.
+PLUGINS := plugins/layerwise-localce plugins/layerwise-simmatch
 
 .PHONY: install train test clean
 
-$(BIN)/layerwise: pyproject.toml
+# Re-made when a pyproject changes: entry points are read at install time, not from the source.
+$(BIN)/layerwise: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(addprefix -e ,$(PLUGINS))
 	touch $@
 
 install: $(BIN)/layerwise
@@ -21,7 +24,7 @@ train: install
 	$(BIN)/layerwise train $(RECIPE)
 
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests plugins -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -33,3 +33,15 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Text version of :func:`write_bytes_atomic`."""
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed half-way left in ``folder``; return them.
+
+    They are named ``.<file>.<random>.tmp`` by :func:`write_bytes_atomic`, never read, and safe
+    to remove once no write is running (a resumed run calls this before it writes anything).
+    """
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -2,11 +2,15 @@
 
 ``model.safetensors`` holds the weights (and buffers) of every block, with string metadata:
 ``layerwise.recipe`` (the resolved recipe as JSON), ``layerwise.version``, ``torch.version``,
-``epoch`` and ``metrics`` (JSON). Loading never unpickles anything.
+``epoch``, ``metrics`` (JSON) and ``layerwise.sha256``, a digest of the tensors and the other
+metadata that catches a file corrupted on disk (safetensors itself checks only the header's
+syntax and the sizes).
+Loading never unpickles anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,43 @@ from layerwise.graph import Graph
 from layerwise.recipe import Recipe, parse_recipe
 
 WEIGHTS_FILE = "model.safetensors"
+DIGEST_KEY = "layerwise.sha256"
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of the metadata (but the digest itself) and of every tensor's name, dtype, shape
+    and bytes, in name order."""
+    digest = hashlib.sha256()
+    plain = {key: value for key, value in metadata.items() if key != DIGEST_KEY}
+    digest.update(json.dumps(plain, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def safetensors_with_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes of a safetensors file holding ``tensors``, ``metadata`` and their digest."""
+    return safetensors_bytes(tensors, metadata={**metadata, DIGEST_KEY: tensor_digest(tensors, metadata)})
+
+
+def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with one clear error for any corruption.
+
+    ``what`` names the file's role in messages, e.g. 'safetensors checkpoint'.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?): {exc}") from None
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and tensor_digest(tensors, metadata) != expected:
+        raise CheckpointError(f"{path}: its tensors do not match the checksum saved with them, so the file "
+                              f"was corrupted after it was written; use another copy or retrain")
+    return tensors, metadata
 
 
 def save_checkpoint(path: str | Path, graph: Graph, recipe: Recipe, epoch: int, metrics: dict) -> None:
@@ -34,7 +75,7 @@ def save_checkpoint(path: str | Path, graph: Graph, recipe: Recipe, epoch: int, 
         "epoch": str(epoch),
         "metrics": json.dumps(metrics),
     }
-    write_bytes_atomic(path, safetensors_bytes(tensors, metadata=metadata))
+    write_bytes_atomic(path, safetensors_with_digest(tensors, metadata))
 
 
 @dataclass
@@ -66,12 +107,7 @@ def find_weights(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint (a file or a run folder), with one clear error for any corruption."""
     path = find_weights(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint (truncated or corrupt?): {exc}") from None
+    tensors, metadata = read_safetensors(path, "safetensors checkpoint")
     if "layerwise.recipe" not in metadata:
         raise CheckpointError(f"{path}: has no 'layerwise.recipe' metadata, so it was not written by layerwise")
     try:

@@ -6,17 +6,19 @@ exits with code 2; only bugs show a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.main
 from rich.markup import escape
 from rich.table import Table
 
 from layerwise import __version__
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, TrainingInterrupted
 from layerwise.progress import stderr, stdout
 
 app = typer.Typer(
@@ -58,17 +60,35 @@ def main_options(
 
 @app.command()
 def train(
-    recipe: RecipeArg,
+    recipe: Annotated[Optional[str], typer.Argument(
+        help="Recipe YAML file, or the name of a shipped recipe. With --resume: the run folder "
+             "(default: runs/latest).", show_default=False, metavar="RECIPE | RUN_DIR")] = None,
     overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a run folder from its last complete epoch (optimizers, random state and "
+                         "data order included): 'layerwise train --resume [RUN_DIR]'.")] = False,
     runs_dir: RunsOpt = Path("runs"),
     data_root: DataRootOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
-    """Train the network a recipe declares, writing a run folder with checkpoints and metrics."""
-    from layerwise.recipe import load_recipe
-    from layerwise.shipped import resolve_recipe_path
-    from layerwise.train_run import train_recipe
+    """Train the network a recipe declares, writing a run folder with checkpoints and metrics.
 
+    Ctrl-C stops at the next batch boundary and prints the command that resumes the run.
+    """
+    from layerwise.recipe import load_recipe
+    from layerwise.runs import resolve_run
+    from layerwise.shipped import resolve_recipe_path
+    from layerwise.train_run import resume_run, train_recipe
+
+    if resume:
+        if overrides:
+            raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "
+                                 f"continues the recipe it started with; start a new run to change it")
+        resume_run(resolve_run(recipe, runs_dir), data_root, show_progress=not no_progress)
+        return
+    if recipe is None:
+        raise LayerwiseError("train: give a recipe file or shipped recipe name (see 'layerwise recipes ls'), "
+                             "or --resume [RUN_DIR] to continue a run")
     parsed = load_recipe(resolve_recipe_path(recipe), overrides or [])
     train_recipe(parsed, runs_dir, data_root, show_progress=not no_progress)
 
@@ -115,7 +135,7 @@ def eval_command(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (keys, types, names, graph and shapes) without training."""
-    from layerwise.graph import Graph
+    from layerwise.graph import build_on_meta
     from layerwise.plugins import registries
     from layerwise.recipe import load_recipe
     from layerwise.shipped import resolve_recipe_path
@@ -123,7 +143,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     path = resolve_recipe_path(recipe)
     parsed = load_recipe(path, overrides or [])
     spec = registries().datasets.get(parsed.data.dataset)
-    graph = Graph(parsed, spec.shape, spec.num_classes)
+    graph = build_on_meta(parsed, spec.shape, spec.num_classes)  # no memory, whatever the widths
     params = sum(p.numel() for p in graph.parameters())
     local = [b.config.name for b in graph.local_blocks()]
     stdout.print(f"[green]ok[/]: {path}: {len(graph.order)} blocks, {params:,} parameters, "
@@ -156,24 +176,52 @@ def recipes_cp(
 
 
 @app.command()
-def plugins() -> None:
-    """List plugins with their versions and what they register, and any that failed to load."""
-    from layerwise.plugins import FAILED, plugin_version, registries
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
+) -> None:
+    """List plugins with their versions and what they register, and any that failed to load or are disabled."""
+    from layerwise.plugins import describe_plugins
 
-    regs = registries()
-    provided: dict[str, list[str]] = {}
-    for kind, registry in (("objective", regs.objectives), ("layer", regs.layers), ("dataset", regs.datasets)):
-        for name in registry.names():
-            provided.setdefault(registry.owner(name), []).append(f"{kind} {name}")
+    rows = describe_plugins(plugin_commands())
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
     table = Table(header_style="bold")
     for column in ("plugin", "distribution", "version", "provides"):
         table.add_column(column)
-    for plugin, items in provided.items():
-        dist, version = plugin_version(plugin)
-        table.add_row(plugin, dist, version, ", ".join(items))
-    for plugin, error in FAILED.items():
-        table.add_row(plugin, "?", "?", f"[red]failed to load: {error}")
+    for row in rows:
+        provides = escape(provided_lines(row))
+        if row["status"] == "failed":
+            provides = f"{provides}\n[red]failed: {escape(row['error'])}[/]".lstrip()
+        elif row["status"] == "disabled":
+            provides = "[yellow]disabled by LAYERWISE_DISABLE_PLUGINS[/]"
+        table.add_row(escape(row["name"]), escape(row["distribution"]), escape(row["version"]), provides)
     stdout.print(table)
+
+
+def provided_lines(row: dict) -> str:
+    """What a plugin provides, one line per kind: 'objective localce', 'layers linear, conv2d'."""
+    lines = []
+    for kind in ("objectives", "layers", "datasets", "commands"):
+        names = row[kind]
+        if names:
+            lines.append(f"{kind if len(names) > 1 else kind[:-1]} {', '.join(names)}")
+    return "\n".join(lines)
+
+
+@app.command("new-plugin")
+def new_plugin(
+    name: Annotated[str, typer.Argument(help="Short name of the plugin and of its objective, e.g. 'hebbian'.",
+                                        show_default=False)],
+    dest: Annotated[Path, typer.Option("--dir", help="Folder in which to create layerwise-NAME/.")] = Path("."),
+) -> None:
+    """Create a ready-to-install plugin package with one objective, a test and a README."""
+    from layerwise.scaffold import PluginNames, create_plugin
+
+    root = create_plugin(name, dest)
+    module = root / f"{PluginNames.from_name(name).module}.py"
+    stdout.print(f"Created {root}. Next:\n  pip install -e {root}\n  pytest {root}\n"
+                 f"then make the objective in {module} your own (docs/plugins.md is the guide).")
 
 
 @app.command()
@@ -188,13 +236,39 @@ def plot(
         stdout.print(f"Wrote {path}")
 
 
+BUILTIN_COMMANDS = frozenset(
+    [info.name or typer.main.get_command_name(info.callback.__name__) for info in app.registered_commands]
+    + [info.name for info in app.registered_groups]
+)
+"""The names of the built-in commands, taken before any plugin adds its own."""
+
+
+@functools.cache
+def plugin_commands() -> dict[str, list[str]]:
+    """Add every plugin's commands to the app, once per process; plugin name -> the commands it added."""
+    from layerwise.plugin_commands import add_plugin_commands
+
+    return add_plugin_commands(app)
+
+
+def wants_plugin_commands(args: list[str]) -> bool:
+    """False when ``args`` run a built-in command: those never import plugins they do not need."""
+    words = [arg for arg in args if not arg.startswith("-")]
+    return not words or words[0] not in BUILTIN_COMMANDS
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one red line and exit code 2."""
     try:
+        if wants_plugin_commands(sys.argv[1:]):
+            plugin_commands()  # loaded here, not at import: a plugin's import cost is paid only when needed
         app()
     except LayerwiseError as exc:
         stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved and how to resume
+        stderr.print(f"[yellow]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]")
         sys.exit(130)

@@ -30,3 +30,15 @@ class DataError(LayerwiseError):
 
 class CheckpointError(LayerwiseError):
     """A checkpoint or run folder that is missing, corrupt or does not match its recipe."""
+
+
+class NonFiniteError(LayerwiseError):
+    """A loss or metric became NaN or infinite; the message names the block, objective and likely cause."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training; the message says what was saved and how to resume.
+
+    Not a ``KeyboardInterrupt``: typer would swallow that into a silent exit. The CLI prints
+    the message and exits with code 130, as for any Ctrl-C.
+    """

@@ -156,6 +156,13 @@ class Graph(nn.Module):
         ]
 
 
+def build_on_meta(recipe: Recipe, input_shape: tuple[int, ...], num_classes: int) -> Graph:
+    """The graph on PyTorch's meta device: every shape is inferred and every parameter counted,
+    but nothing is allocated, so checking a recipe with absurd widths costs no memory or time."""
+    with torch.device("meta"):
+        return Graph(recipe, input_shape, num_classes)
+
+
 def merged_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     """Shape after :func:`merge`, or an error when the inputs cannot be concatenated."""
     if len(shapes) == 1:
@@ -168,9 +175,15 @@ def merged_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 def build_body(cfg: BlockConfig, in_shape: tuple[int, ...], builder) -> nn.Module:
     """The layer, then batch-norm if ``norm`` is set, then the activation."""
-    parts = [builder(cfg, in_shape)]
-    if cfg.norm:
-        parts.append(batch_norm_for_layer(parts[0], in_shape))
+    try:
+        parts = [builder(cfg, in_shape)]
+        if cfg.norm:
+            parts.append(batch_norm_for_layer(parts[0], in_shape))
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+        # Sizes a recipe may ask for but PyTorch cannot honour: weights too large to allocate,
+        # shapes whose element count overflows 64 bits, a zero or negative size.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerwiseError(f"cannot build its {cfg.layer} layer: {reason}") from None
     if cfg.act:
         from layerwise.layers import ACTIVATION_MODULES
 
@@ -192,7 +205,8 @@ def dry_run(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
     try:
         with torch.no_grad():
             out = module(torch.zeros(2, *in_shape))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+        # TypeError and OverflowError: sizes past 64 bits, e.g. a padding of 2**62 on the meta device.
         raise LayerwiseError(f"cannot take an input of shape {in_shape}: {str(exc).splitlines()[0]}") from None
     finally:
         module.train(was_training)

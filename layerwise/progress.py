@@ -24,17 +24,35 @@ def progress_bar(enabled: bool = True) -> Progress:
     )
 
 
+# Column titles for metric keys that deserve a better one than the key itself.
+METRIC_TITLES = {"loss": "local loss", "acc": "local acc", "hsic_zx": "nHSIC(Z,X)", "hsic_zy": "nHSIC(Z,Y)"}
+
+
+def metric_keys(history: list[dict]) -> list[str]:
+    """Every metric any block reports, ``loss`` first, then in order of first appearance.
+
+    Objectives choose their own metrics (a plugin's ``acc``, nhsic's ``hsic_zx``), so the
+    table's columns come from the data rather than from a fixed list.
+    """
+    keys = {"loss": None}
+    for row in history:
+        for metrics in row["blocks"].values():
+            keys.update(dict.fromkeys(metrics))
+    return list(keys)
+
+
 def epoch_table(history: list[dict]) -> Table:
     """Per epoch: accuracies and the global loss, then one sub-row per local block with its
-    loss and nHSIC terms (long format, so deep all-local networks still fit a terminal)."""
+    loss and other metrics (long format, so deep all-local networks still fit a terminal)."""
     table = Table(title="Training", header_style="bold")
-    for column in ("epoch", "train acc", "test acc", "global loss", "block", "local loss", "nHSIC(Z,X)", "nHSIC(Z,Y)"):
+    keys = metric_keys(history)
+    for column in ("epoch", "train acc", "test acc", "global loss", "block", *(METRIC_TITLES.get(k, k) for k in keys)):
         table.add_column(column, justify="left" if column == "block" else "right")
     for row in history:
         head = [str(row["epoch"]), f"{row['train_acc']:.2%}", f"{row['test_acc']:.2%}", f"{row['global_loss']:.4f}"]
         blocks = row["blocks"] or {"-": {}}
         for i, (block, metrics) in enumerate(blocks.items()):
-            cells = [fmt(metrics.get(key)) for key in ("loss", "hsic_zx", "hsic_zy")]
+            cells = [fmt(metrics.get(key)) for key in keys]
             table.add_row(*(head if i == 0 else [""] * 4), block, *cells, end_section=i == len(blocks) - 1)
     return table
 

@@ -8,6 +8,7 @@ graph) before anything runs, reporting every problem at once with its key path.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,31 @@ def unit_interval(value: float, path: str, problems: Problems) -> None:
         problems.add(path, f"expected a value in [0, 1], found {value}")
 
 
+def valid_run_name(value: str, path: str, problems: Problems) -> None:
+    """A ``check`` that the recipe's name can name a run folder (``runs/<name>-<time>``) and no other path."""
+    if not value or len(value) > 100 or value.startswith(".") or any(c in value for c in "/\\\0"):
+        problems.add(path, f"expected 1 to 100 characters without '/', '\\' or a leading '.' (it names the "
+                           f"run folder), found {value[:40]!r}")
+
+
+def valid_block_name(value: str, path: str, problems: Problems) -> None:
+    """A ``check`` that a block name can key the graph's modules and is not the image's name."""
+    from torch import nn
+
+    if value == "input":
+        problems.add(path, "'input' is reserved: it names the image in other blocks' inputs")
+    elif not value or "." in value:
+        problems.add(path, f"expected a non-empty name without '.', found {value[:40]!r}")
+    elif hasattr(nn.ModuleDict(), value):
+        problems.add(path, f"'{value}' is reserved (an attribute of torch.nn.ModuleDict); choose another name")
+
+
+def valid_seed(value: int, path: str, problems: Problems) -> None:
+    """A ``check`` that a seed is one that PyTorch's generators accept, with room for per-epoch offsets."""
+    if not 0 <= value < 2**63:
+        problems.add(path, f"expected a seed in [0, 2^63), found {value}")
+
+
 def valid_objective(value: str | dict, path: str, problems: Problems) -> None:
     """A ``check`` that the objective is registered and its options fit its config class."""
     from layerwise.plugins import registries
@@ -75,7 +101,7 @@ class DataConfig:
 class BlockConfig:
     """One block: a layer, optional batch-norm and activation, and the objective that trains it."""
 
-    name: str
+    name: str = check(valid_block_name)
     layer: str = check(known("layers"))
     out: int | None = check(positive, None)
     act: str | None = check(known_activation, None)
@@ -128,7 +154,7 @@ class OptimizerConfig:
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = check(positive, 1e-3)
     weight_decay: float = check(non_negative, 0.0)
-    momentum: float = 0.9  # sgd only
+    momentum: float = check(non_negative, 0.9)  # sgd only
 
 
 @dataclass
@@ -145,16 +171,20 @@ class TrainConfig:
 
     epochs: int = check(positive, 10)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # What a NaN or infinite loss does: "stop" names the block and its likely cause, keeping
+    # the last good checkpoint; "skip" leaves the optimizers unstepped on that batch and counts
+    # it in metrics.jsonl as skipped_batches (see layerwise/nonfinite.py for the cost on a GPU).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
 class Recipe:
     """A whole, validated recipe."""
 
-    name: str
+    name: str = check(valid_run_name)
     data: DataConfig
     model: ModelConfig
-    seed: int = 0
+    seed: int = check(valid_seed, 0)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -176,6 +206,12 @@ def read_yaml(path: Path) -> Any:
         raise LayerwiseError(f"{path}: not valid YAML{where}: {reason}") from None
     except UnicodeDecodeError:
         raise LayerwiseError(f"{path}: not a text file, so not a YAML recipe") from None
+    except RecursionError:
+        raise LayerwiseError(f"{path}: not a usable YAML recipe: nested too deeply") from None
+    except OSError as exc:  # unreadable: permissions, a folder vanished, an I/O error
+        raise LayerwiseError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    except ValueError as exc:  # PyYAML lets Python's own limits through, e.g. an integer of 5000 digits
+        raise LayerwiseError(f"{path}: not a usable YAML recipe: {str(exc).splitlines()[0]}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -212,7 +248,7 @@ def apply_override(data: Any, text: str, problems: Problems) -> None:
         return
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):
         value = raw  # an unparsable value is taken as a plain string, and type-checked later
     node, path = data, ""
     for position, part in enumerate(parts):
@@ -245,7 +281,8 @@ def list_index(items: list, part: str) -> int | None:
     for index, item in enumerate(items):
         if isinstance(item, dict) and item.get("name") == part:
             return index
-    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items):
+    # ASCII digits only: str.isdigit() also accepts characters such as '²' that int() rejects.
+    if re.fullmatch(r"-?[0-9]+", part) and -len(items) <= int(part) < len(items):
         return int(part) % len(items)
     return None
 

@@ -8,7 +8,7 @@ gets a did-you-mean.
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 from layerwise.errors import LayerwiseError
 
@@ -29,6 +29,9 @@ class Registry(Generic[T]):
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
         self._current_owner = "layerwise"
+        # Appended to unknown-name errors; the plugin loader points here at plugins that
+        # failed to load, since a missing name is often the symptom of a broken plugin.
+        self.note: Callable[[], str] = lambda: ""
 
     def register(self, name: str, item: T, *, aliases: tuple[str, ...] = ()) -> None:
         """Store ``item`` under ``name`` (and its aliases); a taken name is an error."""
@@ -51,7 +54,7 @@ class Registry(Generic[T]):
         """Say that ``name`` is unknown, with a suggestion and the known names."""
         return (
             f"unknown {self.kind} '{name}'{did_you_mean(name, self.names())}; "
-            f"known: {', '.join(self.names())}"
+            f"known: {', '.join(self.names())}{self.note()}"
         )
 
     def owner(self, name: str) -> str:
@@ -71,3 +74,9 @@ class Registry(Generic[T]):
     def set_owner(self, owner: str) -> None:
         """Attribute the next registrations to plugin ``owner`` (used while hooks run)."""
         self._current_owner = owner
+
+    def remove_owner(self, owner: str) -> None:
+        """Forget everything plugin ``owner`` registered, so that a plugin that failed halfway provides nothing."""
+        for name in [n for n, o in self._owners.items() if o == owner]:
+            del self._items[name]
+            del self._owners[name]

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.recipe import Recipe, dump_recipe
 
 LATEST = "latest"
+METRICS_FILE = "metrics.jsonl"
 
 
 def create_run_dir(runs_root: str | Path, recipe: Recipe) -> Path:
@@ -41,6 +43,17 @@ def create_run_dir(runs_root: str | Path, recipe: Recipe) -> Path:
     except OSError as exc:
         raise LayerwiseError(f"cannot create a run folder under {root}: {exc.strerror}") from None
     return run
+
+
+def check_writable(folder: Path) -> None:
+    """Fail early, in one line, when nothing can be written in ``folder`` (read-only, full, gone)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LayerwiseError(f"{folder}: cannot write in this run folder ({exc.strerror}); "
+                             f"its files are untouched") from None
 
 
 def point_latest(root: Path, run: Path) -> None:
@@ -101,7 +114,32 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         """Add one epoch's record."""
         self.lines.append(json.dumps(record))
-        write_text_atomic(self.path, "\n".join(self.lines) + "\n")
+        self.write()
+
+    def replace(self, records: list[dict]) -> None:
+        """Make ``records`` the whole log (a resumed run keeps the epochs it already has)."""
+        self.lines = [json.dumps(record) for record in records]
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite the file from the lines in memory, atomically."""
+        write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (none if it does not exist yet)."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise LayerwiseError(f"{path}: line {number} is not an epoch record; fix or delete that line")
+        records.append(record)
+    return records
 
 
 def resolve_run(path: str | Path | None, runs_root: str | Path = "runs") -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -33,9 +34,23 @@ class Problems:
         return bool(self.items)
 
 
+def short_repr() -> reprlib.Repr:
+    """A bounded repr: a found value may be huge, deeply nested or self-referencing (YAML aliases)."""
+    bounded = reprlib.Repr()  # keyword arguments need Python 3.12
+    bounded.maxlevel, bounded.maxlist, bounded.maxdict = 2, 4, 4
+    bounded.maxstring = bounded.maxlong = bounded.maxother = 30
+    return bounded
+
+
+SHORT_REPR = short_repr()
+
+
 def describe(value: Any) -> str:
     """A short description of a found value, for error messages."""
-    text = repr(value)
+    try:
+        text = SHORT_REPR.repr(value)
+    except ValueError:  # an int too long for str() (Python's int_max_str_digits)
+        text = "..."
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{text} ({type(value).__name__})"
@@ -135,6 +150,9 @@ def convert(hint: Any, value: Any, path: str, problems: Problems) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.add(path, f"expected an integer, found {describe(value)}")
+        elif not -(2**63) <= value < 2**63:
+            # PyTorch takes sizes and seeds as 64-bit integers; larger ones overflow inside it.
+            problems.add(path, f"expected an integer that fits in 64 bits, found {describe(value)}")
         return value
     if hint is float:
         if isinstance(value, str):

@@ -1,21 +1,44 @@
-"""A whole training run: data, model, trainer, run folder, checkpoints and the epoch table."""
+"""A whole training run: data, model, trainer, run folder, checkpoints and the epoch table.
+
+:func:`train_recipe` starts a new run folder; :func:`resume_run` continues one from its last
+complete epoch. Every epoch ends by writing the resume state (the commit point, see
+:mod:`layerwise.resume`), then ``model.safetensors``, then a line of ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from layerwise.atomic import remove_stale_temporaries
 from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
 from layerwise.data import BatchStream, load_split
-from layerwise.errors import LayerwiseError
+from layerwise.errors import CheckpointError, LayerwiseError, NonFiniteError, TrainingInterrupted
 from layerwise.graph import Graph
+from layerwise.interrupt import StopOnInterrupt
 from layerwise.plugins import registries
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
-from layerwise.recipe import Recipe
-from layerwise.runs import MetricsLog, create_run_dir, write_run_files
+from layerwise.recipe import Recipe, load_recipe, parse_recipe
+from layerwise.resume import STATE_FILE, ResumeState, first_difference, load_state, restore_state, save_state
+from layerwise.runs import METRICS_FILE, MetricsLog, check_writable, create_run_dir, read_metrics, write_run_files
 from layerwise.trainer import Trainer, evaluate, resolve_device
+
+
+@dataclass
+class Session:
+    """Everything the epoch loop needs, built identically for a new run and a resumed one."""
+
+    recipe: Recipe
+    device: torch.device
+    graph: Graph
+    trainer: Trainer
+    train_stream: BatchStream
+    test_stream: BatchStream
+    val_stream: BatchStream | None
 
 
 def train_recipe(
@@ -25,10 +48,84 @@ def train_recipe(
     show_progress: bool = True,
     quiet: bool = False,
 ) -> Path:
-    """Train ``recipe`` to the end, checkpointing every epoch; return the run folder.
+    """Train ``recipe`` to the end in a new run folder, checkpointing every epoch; return the folder.
 
     ``quiet`` drops the per-epoch lines and the final table (for scripts running many recipes).
     """
+    session = prepare(recipe, data_root)  # the data first: nothing is created before it is found
+    run = create_run_dir(runs_root, recipe)
+    write_run_files(run, recipe, session.device)
+    if not quiet:
+        stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
+                     f"{session.device}; run folder {run}")
+    return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
+
+
+def resume_run(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    show_progress: bool = True,
+    quiet: bool = False,
+) -> Path:
+    """Continue the run in ``run_dir`` from its last complete epoch, in the same folder.
+
+    Weights, optimizer states, random generators and the epoch come from the resume state, so
+    on the same machine the finished run is bit-identical to one that was never interrupted.
+    A run stopped before its first epoch ended starts again from epoch 1.
+    """
+    run = Path(run_dir)
+    if run.is_symlink():  # runs/latest: name the run itself, so the printed resume command stays valid
+        run = run.parent / os.readlink(run)
+    recipe_path = run / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise CheckpointError(f"{run}: not a run folder (it has no recipe.yaml); --resume takes a folder "
+                              f"such as runs/latest or runs/<recipe>-<time>")
+    recipe = load_recipe(recipe_path)
+    state = load_run_state(run, recipe)
+    check_writable(run)
+    session = prepare(recipe, data_root)
+    remove_stale_temporaries(run)  # left by writes that a kill cut short
+    log = MetricsLog(run / METRICS_FILE)
+    history: list[dict] = []
+    if state is not None:
+        restore_state(state, session.graph, session.trainer.optimizers())
+        history = [r for r in read_metrics(run / METRICS_FILE) if r["epoch"] < state.epoch] + [state.record]
+        # The state is written first at each epoch's end: bring the other files up to it.
+        save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
+    log.replace(history)
+    done = state.epoch if state is not None else 0
+    if done >= recipe.train.epochs:
+        note = f"{run} has all {recipe.train.epochs} epochs; nothing to resume"
+    elif state is None:
+        note = f"resuming {run} from epoch 1 (no epoch had completed)"
+    else:
+        note = f"resuming {run} after epoch {done} of {recipe.train.epochs}"
+    if not quiet:
+        stderr.print(f"[bold]{recipe.name}[/]: {note}")
+    return run_epochs(session, run, log, history, show_progress, quiet)
+
+
+def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:
+    """The run's resume state, checked against its recipe; None when no epoch has completed."""
+    path = run / STATE_FILE
+    if not path.exists():
+        if (run / WEIGHTS_FILE).exists():
+            raise CheckpointError(f"{run}: has {WEIGHTS_FILE} but no {STATE_FILE} (a run from before resume "
+                                  f"support?), so it cannot continue exactly; start a new run with: "
+                                  f"layerwise train {run / 'recipe.yaml'}")
+        return None
+    state = load_state(path)
+    saved = parse_recipe(state.recipe, f"{path} (embedded recipe)").to_dict()
+    difference = first_difference(saved, recipe.to_dict())
+    if difference is not None:
+        raise CheckpointError(f"{path}: was saved for another recipe than {run / 'recipe.yaml'} (they differ at "
+                              f"{difference}); a resume continues the recipe its run started with, so restore "
+                              f"that file or start a new run")
+    return state
+
+
+def prepare(recipe: Recipe, data_root: str | Path | None) -> Session:
+    """Load the data and build the seeded model, trainer and batch streams."""
     device = resolve_device(recipe.train.device)
     spec = registries().datasets.get(recipe.data.dataset)
     train_images, train_labels = load_split(spec, "train", data_root)
@@ -63,37 +160,80 @@ def train_recipe(
             seed=0, noise=recipe.data.train_noise, noise_seed=1, device=device,
         )
 
-    run = create_run_dir(runs_root, recipe)
-    write_run_files(run, recipe, device)
-    log = MetricsLog(run / "metrics.jsonl")
-    history: list[dict] = []
+    return Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream)
+
+
+def run_epochs(
+    session: Session, run: Path, log: MetricsLog, history: list[dict], show_progress: bool, quiet: bool
+) -> Path:
+    """Train from the epoch after ``history`` to the last, saving each; stop cleanly on Ctrl-C.
+
+    A failure inside the loop (a NaN, a full disk) or Ctrl-C says which epoch is kept and how
+    to go on; the files of the last complete epoch are never touched by a failed write.
+    """
+    recipe, graph, trainer = session.recipe, session.graph, session.trainer
+    saved = history[-1]["epoch"] if history else 0
+    epoch = saved
     show_progress = show_progress and not quiet
     say = (lambda *args: None) if quiet else stderr.print
-    say(f"[bold]{recipe.name}[/]: {len(train_labels)} training samples on {device}; run folder {run}")
-    with progress_bar(show_progress) as bars:
-        epochs = bars.add_task("epochs", total=recipe.train.epochs)
-        for epoch in range(1, recipe.train.epochs + 1):
-            train_stream.set_epoch(epoch)
-            batches = bars.add_task(f"epoch {epoch} train", total=len(train_stream))
-            started = time.perf_counter()
-            summary = trainer.train_epoch(train_stream, on_batch=lambda: bars.advance(batches))
-            train_seconds = time.perf_counter() - started
-            bars.remove_task(batches)
-            testing = bars.add_task(f"epoch {epoch} test", total=len(test_stream))
-            test = evaluate(graph, test_stream, on_batch=lambda: bars.advance(testing))
-            bars.remove_task(testing)
-            record = {"epoch": epoch, **summary, "test_acc": test["acc"], "test_loss": test["loss"],
-                      "train_seconds": round(train_seconds, 3)}
-            if val_stream is not None:
-                record["val_acc"] = evaluate(graph, val_stream)["acc"]
-            history.append(record)
-            log.append(record)
-            save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
-            bars.advance(epochs)
-            val = f", val acc {record['val_acc']:.2%}" if val_stream is not None else ""
-            say(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
-                         f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s")
+    try:
+        with StopOnInterrupt() as interrupt, progress_bar(show_progress) as bars:
+            epochs = bars.add_task("epochs", total=recipe.train.epochs, completed=saved)
+            for epoch in range(saved + 1, recipe.train.epochs + 1):
+                session.train_stream.set_epoch(epoch)
+                batches = bars.add_task(f"epoch {epoch} train", total=len(session.train_stream))
+                started = time.perf_counter()
+                summary = trainer.train_epoch(session.train_stream, on_batch=lambda: bars.advance(batches),
+                                              epoch=epoch, should_stop=lambda: interrupt.requested)
+                train_seconds = time.perf_counter() - started
+                bars.remove_task(batches)
+                testing = bars.add_task(f"epoch {epoch} test", total=len(session.test_stream))
+                test = evaluate(graph, session.test_stream, on_batch=lambda: bars.advance(testing))
+                bars.remove_task(testing)
+                record = {"epoch": epoch, **summary, "test_acc": test["acc"], "test_loss": test["loss"],
+                          "train_seconds": round(train_seconds, 3)}
+                if session.val_stream is not None:
+                    record["val_acc"] = evaluate(graph, session.val_stream)["acc"]
+                # The resume state is the commit point, so it goes first (see layerwise.resume).
+                save_state(run / STATE_FILE, graph, trainer.optimizers(), recipe, epoch, record)
+                saved = epoch
+                save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
+                log.append(record)
+                history.append(record)
+                bars.advance(epochs)
+                val = f", val acc {record['val_acc']:.2%}" if session.val_stream is not None else ""
+                skipped = f", {record['skipped_batches']} non-finite batches skipped" if record.get("skipped_batches") else ""
+                say(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
+                    f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s{skipped}")
+                if interrupt.requested and epoch < recipe.train.epochs:
+                    raise TrainingInterrupted(f"stopped after epoch {epoch}")
+    except (KeyboardInterrupt, TrainingInterrupted):  # a second Ctrl-C, or the first at a batch boundary
+        raise TrainingInterrupted(interrupted_message(run, epoch, saved)) from None
+    except LayerwiseError as exc:
+        exc.args = (f"{exc}. {kept_message(run, saved, isinstance(exc, NonFiniteError))}",)
+        raise
     if not quiet:
         stdout.print(epoch_table(history))
         stdout.print(f"Run folder: {run}")
     return run
+
+
+def interrupted_message(run: Path, epoch: int, saved: int) -> str:
+    """What Ctrl-C left on disk, and the command that continues."""
+    command = f"layerwise train --resume {run}"
+    if saved == epoch and saved:
+        return f"stopped after epoch {saved}, which is saved in {run}. Resume with: {command}"
+    if saved:
+        return (f"stopped during epoch {epoch}; epoch {saved} is the last one saved in {run}, and epoch {epoch} "
+                f"will be redone. Resume with: {command}")
+    return f"stopped during epoch 1, before any epoch was saved. Resume with: {command} (it starts from epoch 1)"
+
+
+def kept_message(run: Path, saved: int, nonfinite: bool) -> str:
+    """What a failed run kept, and what to do next."""
+    if not saved:
+        return f"No epoch had completed, so {run} holds no checkpoint"
+    if nonfinite:
+        return (f"The last good checkpoint (epoch {saved}) is kept in {run}; to skip such batches instead, "
+                f"set train.on_nonfinite=skip in a new run")
+    return f"The last complete epoch ({saved}) is kept in {run}; fix the cause, then: layerwise train --resume {run}"

@@ -13,14 +13,16 @@ Optimizers are built once and persist across batches, so momentum is kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, TrainingInterrupted
 from layerwise.graph import Graph, GraphOutput
+from layerwise.nonfinite import Key, NonFiniteWatch
 from layerwise.objectives.base import KernelCache, LossContext
 from layerwise.recipe import OptimizerConfig, Recipe
 
@@ -54,7 +56,9 @@ class EpochTotals:
     blocks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def add(self, step: "StepResult", y: torch.Tensor) -> None:
-        """Add one batch's results."""
+        """Add one batch's results (a skipped batch adds nothing: its values are not finite)."""
+        if step.skipped:
+            return
         self.samples += y.shape[0]
         self.batches += 1
         self.correct = self.correct + (step.logits.argmax(dim=1) == y).sum()
@@ -84,12 +88,16 @@ class StepResult:
     logits: torch.Tensor
     global_loss: torch.Tensor
     block_metrics: dict[str, dict[str, torch.Tensor]]
+    # True when an objective raised FloatingPointError (it found non-finite values itself).
+    objective_failed: bool = False
+    # True when the optimizers did not step (train.on_nonfinite: skip, on a non-finite batch).
+    skipped: bool = False
 
 
 class Trainer:
     """Trains a :class:`Graph` with one optimizer per local block and one for the rest."""
 
-    def __init__(self, graph: Graph, recipe: Recipe, num_classes: int):
+    def __init__(self, graph: Graph, recipe: Recipe, num_classes: int, nonfinite_check_every: int | None = None):
         self.graph = graph
         self.num_classes = num_classes
         self.local_params = {
@@ -100,6 +108,8 @@ class Trainer:
         }
         self.global_params = graph.global_parameters()
         self.global_optimizer = make_optimizer(recipe.optim.global_, self.global_params) if self.global_params else None
+        device = next(graph.parameters(), torch.zeros(())).device
+        self.watch = NonFiniteWatch(recipe.train.on_nonfinite, device, self.explain, nonfinite_check_every)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimizer by a stable name (``global`` or ``local.<block>``), for checkpoints."""
@@ -113,10 +123,18 @@ class Trainer:
         out = self.graph(x)
         ctx = LossContext(x=x, y=y, num_classes=self.num_classes, kernels=KernelCache())
         block_metrics: dict[str, dict[str, torch.Tensor]] = {}
+        failed = False
         for block in self.graph.local_blocks():
             name = block.config.name
             ctx.block_input = out.inputs[name]
-            loss, metrics = block.objective.loss(out.outputs[name], ctx)
+            try:
+                loss, metrics = block.objective.loss(out.outputs[name], ctx)
+            except FloatingPointError:
+                # An objective may detect non-finite values itself (nhsic's Cholesky does): record
+                # a NaN loss for this block, so the non-finite watch names it like any other.
+                block_metrics[name] = {"loss": torch.full((), math.nan, device=x.device)}
+                failed = True
+                continue
             block_metrics[name] = metrics
             if self.local_params[name]:
                 # retain_graph: the global loss below runs backward through the same graph.
@@ -124,41 +142,77 @@ class Trainer:
         global_loss = nn.functional.cross_entropy(out.logits, y)
         if self.global_params:
             global_loss.backward(inputs=self.global_params)
-        return out, StepResult(out.logits.detach(), global_loss.detach(), block_metrics)
+        return out, StepResult(out.logits.detach(), global_loss.detach(), block_metrics, objective_failed=failed)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """One training step on a batch."""
+        """One training step on a batch; a non-finite batch stops training or, with
+        ``train.on_nonfinite: skip``, leaves every optimizer unstepped (see :mod:`layerwise.nonfinite`)."""
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
-        _, result = self.compute_gradients(x, y)
+        out, result = self.compute_gradients(x, y)
+        keys, values = self.watched_values(out, result)
+        if not self.watch.allows_step(keys, values, now=result.objective_failed):
+            result.skipped = True
+            return result
         for opt in self.optimizers().values():
             opt.step()
         return result
 
-    def train_epoch(self, batches, on_batch: Callable[[], None] | None = None) -> dict:
-        """Train on every batch of ``batches`` (yielding ``(x, y, idx)``); return the epoch's summary."""
+    def watched_values(self, out: GraphOutput, result: StepResult) -> tuple[list[Key], torch.Tensor]:
+        """One scalar per watched quantity, in causal order: each block's largest absolute output,
+        then each local loss and metric, then the global loss (see :mod:`layerwise.nonfinite`)."""
+        keys: list[Key] = []
+        values: list[torch.Tensor] = []
+        for name in self.graph.order:
+            keys.append((name, "output"))
+            values.append(out.outputs[name].detach().abs().amax())
+        for name, metrics in result.block_metrics.items():
+            for metric, value in metrics.items():
+                keys.append((name, metric))
+                values.append(value.detach().reshape(()))
+        keys.append(("", "global"))
+        values.append(result.global_loss)
+        return keys, torch.stack([v.to(torch.float32) for v in values])
+
+    def explain(self, key: Key) -> tuple[str, str]:
+        """What a watched value is, and the likely cause when it is not finite."""
+        block_name, metric = key
+        global_cause = "a learning rate too high for the backprop blocks (lower optim.global.lr)"
+        if not block_name:
+            return f"the global cross-entropy at the head '{self.graph.head}'", global_cause
+        objective = self.graph.blocks[block_name].objective
+        who = f"block '{block_name}' (objective {objective.name})"
+        cause = objective.nonfinite_hint() if objective.local else global_cause
+        return (f"the output of {who}" if metric == "output" else f"{metric} of {who}"), cause
+
+    def train_epoch(
+        self,
+        batches,
+        on_batch: Callable[[], None] | None = None,
+        epoch: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict:
+        """Train on every batch of ``batches`` (yielding ``(x, y, idx)``); return the epoch's summary.
+
+        ``should_stop`` is asked before each batch; when it says yes, :class:`TrainingInterrupted`
+        is raised at that batch boundary (Ctrl-C). ``epoch`` labels error messages.
+        """
         self.graph.train()
+        self.watch.start_epoch(epoch)
         totals = EpochTotals()
+        done = 0
         for x, y, _ in batches:
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(f"stopped after batch {done} of epoch {epoch}")
             totals.add(self.step(x, y), y)
+            done += 1
             if on_batch is not None:
                 on_batch()
+        self.watch.finish_epoch(done)
         summary = totals.summary()
-        check_finite(summary)
+        if self.watch.mode == "skip":
+            summary["skipped_batches"] = self.watch.skipped
         return summary
-
-
-def check_finite(summary: dict) -> None:
-    """Stop with a useful message when a loss has become NaN or infinite."""
-    for block, metrics in summary["blocks"].items():
-        for key, value in metrics.items():
-            if not torch.isfinite(torch.tensor(value)):
-                raise LayerwiseError(
-                    f"block '{block}': {key} became {value}; a kernel sigma too small for the layer width "
-                    f"or a learning rate too high are the usual causes"
-                )
-    if not torch.isfinite(torch.tensor(summary["global_loss"])):
-        raise LayerwiseError("the global cross-entropy became non-finite; try a lower optim.global.lr")
 
 
 @torch.no_grad()

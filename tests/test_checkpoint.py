@@ -99,3 +99,25 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(path, graph, recipe, epoch=2, metrics={})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"], "no temporary file is left behind"
+
+
+def test_flipped_bytes_in_the_tensors_fail_the_checksum(tmp_path):
+    """safetensors checks only the header and sizes; the digest in the metadata catches the rest."""
+    recipe, graph = trained_graph()
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, graph, recipe, epoch=1, metrics={})
+    data = bytearray(path.read_bytes())
+    data[-10:] = bytes(b ^ 0xFF for b in data[-10:])  # the end of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    """Files written before the checksum existed (or by other tools) load as before."""
+    from safetensors.torch import save_file
+
+    recipe, graph = trained_graph()
+    tensors = {name: t.contiguous() for name, t in graph.state_dict().items()}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"layerwise.recipe": json.dumps(recipe.to_dict())})
+    assert load_checkpoint(tmp_path).recipe == recipe

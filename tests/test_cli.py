@@ -6,7 +6,8 @@ import pytest
 
 from layerwise.shipped import shipped_recipes
 
-COMMANDS = [[], ["train"], ["eval"], ["validate"], ["recipes"], ["recipes", "ls"], ["recipes", "cp"], ["plugins"]]
+COMMANDS = [[], ["train"], ["eval"], ["validate"], ["recipes"], ["recipes", "ls"], ["recipes", "cp"], ["plugins"],
+            ["new-plugin"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
@@ -77,8 +78,15 @@ def test_plugins_lists_the_builtins_with_what_they_provide(cli):
     result = cli("plugins")
     assert result.code == 0
     assert "layerwise.builtins" in result.out
-    for item in ("objective nhsic", "objective none", "layer conv2d", "dataset cifar10"):
+    for item in ("objectives backprop, nhsic, none", "layers avgpool", "datasets cifar10"):
         assert item in result.out
+    import json
+
+    rows = {row["name"]: row for row in json.loads(cli("plugins", "--json").out)}
+    builtins = rows["layerwise.builtins"]
+    assert builtins["status"] == "ok" and builtins["error"] is None
+    assert {"nhsic", "none", "backprop"} <= set(builtins["objectives"])
+    assert "conv2d" in builtins["layers"] and "cifar10" in builtins["datasets"]
 
 
 def test_eval_of_a_missing_checkpoint(cli, tmp_path):

@@ -92,6 +92,10 @@ class Objective(nn.Module):
         """The block's local loss on its output ``z``, and detached metrics to log."""
         raise NotImplementedError
 
+    def nonfinite_hint(self) -> str:
+        """The likely cause, for the error shown when this objective's loss becomes NaN or infinite."""
+        return "a learning rate too high for this block (lower optim.local.lr)"
+
 
 class Backprop(Objective):
     """``none`` (alias ``backprop``): the block is trained by the global cross-entropy."""

@@ -218,6 +218,13 @@ class NHSIC(Objective):
         factor_z = feature_cca_factor(phi_z, cfg.eps)
         return feature_cca(phi_z, factor_z, phi_x, factor_x), feature_cca(phi_z, factor_z, phi_y, factor_y)
 
+    def nonfinite_hint(self) -> str:
+        """Tiny sigmas overflow the kernel's exponent; large learning rates blow up the features."""
+        width = math.prod(self.info.out_shape)
+        return (f"sigma {self.config.sigma:g} too small for the kernel widths (d = {width} for this block, "
+                f"{self.info.num_classes} for the labels): the exponent 1/(2 sigma^2 d) overflows and the kernel "
+                f"becomes NaN; typical sigma is about 5. Otherwise a learning rate too high (optim.local.lr)")
+
     def loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg: NHSICConfig = self.config
         # Kernels in at least float32: exp and the solve are too coarse in half precision.
