@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from layerwise.recipe import BlockConfig, Recipe, block_paths, objective_config
 from layerwise.schema import Problems
 
 INPUT = "input"
+
+OnOutput = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(block name, block input, block output) -> tensor passed on`` (see :meth:`Graph.forward`)."""
 
 
 def block_inputs(blocks: list[BlockConfig]) -> dict[str, list[str]]:
@@ -121,18 +125,52 @@ class Graph(nn.Module):
                 f"{shapes[self.head]}, but the dataset has {num_classes} classes: set its out to {num_classes}"
             )
 
-    def forward(self, x: torch.Tensor) -> GraphOutput:
+    def forward(self, x: torch.Tensor, on_output: OnOutput | None = None) -> GraphOutput:
+        """Run every block in order.
+
+        ``on_output(name, block_input, block_output)``, when given, sees each block's output as
+        soon as it exists (the trainer trains local blocks there) and returns the tensor to pass
+        on. Outputs are then dropped as soon as their last reader has run, so memory need not
+        grow with depth; ``inputs`` and ``outputs`` of the result stay empty.
+        """
         values = {INPUT: x}
+        readers_left = {name: 0 for name in values} | {name: 0 for name in self.order}
+        for name in self.order:
+            for src in self.deps[name]:
+                readers_left[src] += 1
         inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
         for name in self.order:
             block = self.blocks[name]
             value = merge([values[src] for src in self.deps[name]])
             if block.config.detach:
                 value = value.detach()
-            inputs[name] = value
-            values[name] = block(value)
-        del values[INPUT]
-        return GraphOutput(inputs, values, values[self.head])
+            out = block(value)
+            if on_output is None:
+                inputs[name], outputs[name] = value, out
+            else:
+                out = on_output(name, value, out)
+                for src in self.deps[name]:
+                    readers_left[src] -= 1
+                    if readers_left[src] == 0 and src != self.head:
+                        del values[src]
+            values[name] = out
+        return GraphOutput(inputs, outputs, values[self.head])
+
+    def global_gradient_blocks(self) -> set[str]:
+        """Blocks whose output the global gradient must flow through: those on a path from a
+        trainable ``none`` block to the head that no ``detach`` cuts."""
+        reaches_head = {self.head}
+        for name in reversed(self.order):
+            if name in reaches_head and not self.blocks[name].config.detach:
+                reaches_head.update(self.deps[name])
+        fed_by_global: set[str] = set()
+        for name in self.order:
+            block = self.blocks[name]
+            upstream = not block.config.detach and any(src in fed_by_global for src in self.deps[name])
+            if upstream or (not block.local and not block.config.freeze):
+                fed_by_global.add(name)
+        return reaches_head & fed_by_global
 
     def train(self, mode: bool = True) -> "Graph":
         """Train mode everywhere except frozen blocks, whose batch-norm statistics must not move."""

@@ -175,6 +175,13 @@ class TrainConfig:
     # the last good checkpoint; "skip" leaves the optimizers unstepped on that batch and counts
     # it in metrics.jsonl as skipped_batches (see layerwise/nonfinite.py for the cost on a GPU).
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # Train each local block as soon as its output exists, and drop activations that no
+    # later loss needs. Same gradients either way; it only matters for memory, and only where
+    # the global gradient does not pass through (HSIC-only stacks). false keeps the whole
+    # graph to the end of the step, to measure the difference.
+    free_early: bool = True
+    # bf16 runs the forward pass under autocast in bfloat16 (nHSIC kernels stay in float32).
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass

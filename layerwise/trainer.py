@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError, TrainingInterrupted
-from layerwise.graph import Graph, GraphOutput
+from layerwise.graph import Graph
 from layerwise.nonfinite import Key, NonFiniteWatch
 from layerwise.objectives.base import KernelCache, LossContext
 from layerwise.recipe import OptimizerConfig, Recipe
@@ -85,13 +85,26 @@ class EpochTotals:
 class StepResult:
     """What one training step produced (all detached)."""
 
-    logits: torch.Tensor
-    global_loss: torch.Tensor
     block_metrics: dict[str, dict[str, torch.Tensor]]
+    logits: torch.Tensor | None = None
+    global_loss: torch.Tensor | None = None
+    # Scalars for the non-finite watch, in causal order: each block's largest absolute output,
+    # its local loss and metrics, then the global loss (see :mod:`layerwise.nonfinite`).
+    watched_keys: list[Key] = field(default_factory=list)
+    watched_values: list[torch.Tensor] = field(default_factory=list)
     # True when an objective raised FloatingPointError (it found non-finite values itself).
     objective_failed: bool = False
     # True when the optimizers did not step (train.on_nonfinite: skip, on a non-finite batch).
     skipped: bool = False
+
+    def watch(self, key: Key, value: torch.Tensor) -> None:
+        """Record one watched scalar."""
+        self.watched_keys.append(key)
+        self.watched_values.append(value)
+
+    def watched(self) -> tuple[list[Key], torch.Tensor]:
+        """The watched keys and their values as one float32 tensor."""
+        return self.watched_keys, torch.stack([v.to(torch.float32) for v in self.watched_values])
 
 
 class Trainer:
@@ -108,6 +121,9 @@ class Trainer:
         }
         self.global_params = graph.global_parameters()
         self.global_optimizer = make_optimizer(recipe.optim.global_, self.global_params) if self.global_params else None
+        self.free_early = recipe.train.free_early
+        self.global_through = graph.global_gradient_blocks()
+        self.bf16 = recipe.train.precision == "bf16"
         device = next(graph.parameters(), torch.zeros(())).device
         self.watch = NonFiniteWatch(recipe.train.on_nonfinite, device, self.explain, nonfinite_check_every)
 
@@ -118,61 +134,59 @@ class Trainer:
             named["global"] = self.global_optimizer
         return named
 
-    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[GraphOutput, StepResult]:
-        """One forward pass, then each loss's backward into exactly the parameters it may train."""
-        out = self.graph(x)
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """One forward pass; each local block's loss goes backward into its own parameters as
+        soon as the block's output exists, then the global loss into the ``none`` blocks."""
         ctx = LossContext(x=x, y=y, num_classes=self.num_classes, kernels=KernelCache())
-        block_metrics: dict[str, dict[str, torch.Tensor]] = {}
-        failed = False
-        for block in self.graph.local_blocks():
-            name = block.config.name
-            ctx.block_input = out.inputs[name]
+        result = StepResult(block_metrics={})
+
+        def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            result.watch((name, "output"), z.detach().abs().amax())
+            block = self.graph.blocks[name]
+            if not block.local or block.config.freeze:
+                return z
+            ctx.block_input = block_input
             try:
-                loss, metrics = block.objective.loss(out.outputs[name], ctx)
+                loss, metrics = block.objective.loss(z, ctx)
             except FloatingPointError:
                 # An objective may detect non-finite values itself (nhsic's Cholesky does): record
                 # a NaN loss for this block, so the non-finite watch names it like any other.
-                block_metrics[name] = {"loss": torch.full((), math.nan, device=x.device)}
-                failed = True
-                continue
-            block_metrics[name] = metrics
-            if self.local_params[name]:
-                # retain_graph: the global loss below runs backward through the same graph.
-                loss.backward(inputs=self.local_params[name], retain_graph=True)
-        global_loss = nn.functional.cross_entropy(out.logits, y)
+                metrics = {"loss": torch.full((), math.nan, device=x.device)}
+                result.objective_failed = True
+                loss = None
+            result.block_metrics[name] = metrics
+            for metric, value in metrics.items():
+                result.watch((name, metric), value.detach().reshape(()))
+            # The global backward later passes through z when it must; otherwise, with
+            # free_early, z's graph is freed by this backward and later blocks get z detached.
+            keep = name in self.global_through or not self.free_early
+            if loss is not None and self.local_params[name]:
+                loss.backward(inputs=self.local_params[name], retain_graph=keep)
+            return z if keep else z.detach()
+
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.graph(x, on_output=train_block).logits
+        # The loss in at least float32: bf16 logits would round the cross-entropy coarsely.
+        global_loss = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
         if self.global_params:
             global_loss.backward(inputs=self.global_params)
-        return out, StepResult(out.logits.detach(), global_loss.detach(), block_metrics, objective_failed=failed)
+        result.logits, result.global_loss = logits.detach(), global_loss.detach()
+        result.watch(("", "global"), result.global_loss)
+        return result
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One training step on a batch; a non-finite batch stops training or, with
         ``train.on_nonfinite: skip``, leaves every optimizer unstepped (see :mod:`layerwise.nonfinite`)."""
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
-        out, result = self.compute_gradients(x, y)
-        keys, values = self.watched_values(out, result)
+        result = self.compute_gradients(x, y)
+        keys, values = result.watched()
         if not self.watch.allows_step(keys, values, now=result.objective_failed):
             result.skipped = True
             return result
         for opt in self.optimizers().values():
             opt.step()
         return result
-
-    def watched_values(self, out: GraphOutput, result: StepResult) -> tuple[list[Key], torch.Tensor]:
-        """One scalar per watched quantity, in causal order: each block's largest absolute output,
-        then each local loss and metric, then the global loss (see :mod:`layerwise.nonfinite`)."""
-        keys: list[Key] = []
-        values: list[torch.Tensor] = []
-        for name in self.graph.order:
-            keys.append((name, "output"))
-            values.append(out.outputs[name].detach().abs().amax())
-        for name, metrics in result.block_metrics.items():
-            for metric, value in metrics.items():
-                keys.append((name, metric))
-                values.append(value.detach().reshape(()))
-        keys.append(("", "global"))
-        values.append(result.global_loss)
-        return keys, torch.stack([v.to(torch.float32) for v in values])
 
     def explain(self, key: Key) -> tuple[str, str]:
         """What a watched value is, and the likely cause when it is not finite."""
