@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from layerwise.atomic import write_text_atomic
 from layerwise.graph import Graph
@@ -30,9 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = "mnist_backprop"
 
 
-def make_trainer(name: str, overrides: list[str], device: torch.device) -> Trainer:
-    """A trainer for a shipped MNIST recipe (28x28 grey input, 10 classes)."""
+def make_trainer(name: str, overrides: list[str], device: torch.device, nhsic: dict | None = None) -> Trainer:
+    """A trainer for a shipped MNIST recipe (28x28 grey input, 10 classes); ``nhsic`` options
+    are applied to every nhsic block (e.g. ``{"normalization": "cka"}``)."""
     recipe = load_recipe(shipped_recipes()[name], overrides)
+    for block in recipe.model.blocks():
+        if block.objective_name == "nhsic":
+            block.objective = {**block.objective, **(nhsic or {})}
     torch.manual_seed(0)
     graph = Graph(recipe, (1, 28, 28), 10).to(device)
     graph.train()
@@ -56,9 +61,9 @@ def time_steps(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -
 
 
 def measure(names: list[str], overrides: list[str], batch: int, rounds: int, steps: int, warmup: int,
-            device: torch.device) -> dict[str, list[float]]:
+            device: torch.device, nhsic: dict | None = None) -> dict[str, list[float]]:
     """Per-method lists of ms/step, measured round-robin."""
-    trainers = {name: make_trainer(name, overrides, device) for name in names}
+    trainers = {name: make_trainer(name, overrides, device, nhsic) for name in names}
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Time training steps of the MNIST recipes, alternating.")
     parser.add_argument("--recipes", nargs="+", default=["mnist_backprop", "mnist_hybrid", "mnist_hsic"])
     parser.add_argument("--override", nargs="*", default=[], help="recipe overrides applied to every recipe")
+    parser.add_argument("--nhsic", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="options for every nhsic block, e.g. normalization=cka or estimator=rff")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write torch.profiler's top operations for one hybrid step")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed sample")
@@ -105,13 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    samples = measure(args.recipes, args.override, args.batch, args.rounds, args.steps, args.warmup, device)
+    nhsic = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.nhsic)}
+    samples = measure(args.recipes, args.override, args.batch, args.rounds, args.steps, args.warmup, device, nhsic)
     result = {
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": {"cpu": cpu_name(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__},
         "batch": args.batch,
         "overrides": args.override,
+        "nhsic": nhsic,
         "results": summarise(samples, args.batch),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,14 +130,31 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [f"Command: `{result['command'].strip()}`", "",
              f"Machine: {result['machine']['cpu']}, device {result['machine']['device']}, "
              f"{result['machine']['threads']} thread(s), torch {result['machine']['torch']}; batch {args.batch}; "
-             f"median of {args.rounds} samples of {args.steps} steps, methods alternating.", "",
+             f"median of {args.rounds} samples of {args.steps} steps, methods alternating"
+             + (f"; every nhsic block with {nhsic}" if nhsic else "") + ".", "",
              "| recipe | ms / batch | samples / s | × backprop |", "|---|---|---|---|"]
     for name, row in result["results"].items():
         ratio = f"{row['vs_backprop']:.2f}" if row["vs_backprop"] else "-"
         lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} |")
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.profile:
+        table = profile_step(make_trainer("mnist_hybrid", args.override, device, nhsic), args.batch, device)
+        write_text_atomic(args.out / f"{args.name}-profile.txt", f"{result['command'].strip()}\n\n{table}\n")
     return result
+
+
+def profile_step(trainer: Trainer, batch: int, device: torch.device, steps: int = 10) -> str:
+    """torch.profiler's table of the operations that take the most time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    time_steps(trainer, x, y, 3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_steps(trainer, x, y, steps)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
 if __name__ == "__main__":
