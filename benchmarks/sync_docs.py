@@ -13,7 +13,9 @@ A quoting document marks the spot with a pair of comments; everything between th
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,15 +30,53 @@ def synced(text: str) -> str:
     def replace(match: re.Match) -> str:
         source = REPO / "docs" / match["name"]
         body = source.read_text() if source.exists() else f"(not measured yet: {match['name']} is missing)\n"
+        if source.exists() and source.suffix != ".md":  # plain text (a profiler table) keeps its layout
+            body = f"```text\n{body}```\n"
         return match.group(1) + body + match.group(4)
 
     return BLOCK.sub(replace, text)
+
+
+def summary() -> str | None:
+    """The README's short table, derived from the accuracy study (None before it has run)."""
+    path = REPO / "docs" / "results" / "accuracy.json"
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    records = state["records"]
+    methods = ("hybrid", "hsic", "backprop")
+    lines = ["Test accuracy %, mean ± std over seeds; the paper's hybrid against its baselines on the same widths "
+             f"(`{state['command']}`, {state['machine']['cpu']}, {state['machine']['threads']} thread):", "",
+             "| dataset | hybrid | HSIC-only | backprop | epochs | seeds |", "|---|---|---|---|---|---|"]
+    for dataset in dict.fromkeys(r["dataset"] for r in records.values()):
+        cells, epochs, seeds = [], set(), set()
+        for method in methods:
+            accs = [100 * r["test_acc"] for r in records.values() if r["dataset"] == dataset and r["method"] == method]
+            epochs |= {r["epochs"] for r in records.values() if r["dataset"] == dataset}
+            seeds.add(len(accs))
+            if not accs:
+                cells.append("-")
+            else:
+                cells.append(f"{statistics.mean(accs):.2f}" + (f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""))
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(epochs)))} | "
+                     f"{'/'.join(map(str, sorted(seeds)))} |")
+    first = records.get("mnist/hybrid/seed0")
+    if first:
+        lines += ["", f"`make train` trains the same recipe as the first of these jobs (`recipes/mnist_hybrid.yaml`, seed 0, "
+                      f"{first['epochs']} epochs): it reached **{100 * first['test_acc']:.2f}%** test accuracy, with "
+                      f"{first['train_seconds']:.0f} s of training ({first['wall_seconds']:.0f} s in all, evaluation "
+                      f"included) on one thread of the machine above."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="report stale quotes instead of rewriting")
     args = parser.parse_args(argv)
+    table = summary()
+    summary_path = REPO / "docs" / "results" / "summary.md"
+    if table is not None and not args.check and (not summary_path.exists() or summary_path.read_text() != table):
+        summary_path.write_text(table)
     stale = []
     for doc in DOCS:
         if not doc.exists():
