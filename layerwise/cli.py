@@ -70,16 +70,36 @@ def train(
     runs_dir: RunsOpt = Path("runs"),
     data_root: DataRootOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", help="Train data-parallel in N processes (runs torchrun --standalone --nproc_per_node N; "
+                        "see docs/distributed.md).", show_default=False)] = None,
 ) -> None:
     """Train the network a recipe declares, writing a run folder with checkpoints and metrics.
 
     Ctrl-C stops at the next batch boundary and prints the command that resumes the run.
     """
+    from layerwise.distributed import check_batch_divides, launch, launched_world_size
     from layerwise.recipe import load_recipe
     from layerwise.runs import resolve_run
     from layerwise.shipped import resolve_recipe_path
     from layerwise.train_run import resume_run, train_recipe
 
+    if resume and (nproc is not None or launched_world_size() > 1):
+        raise LayerwiseError("--resume with --nproc/torchrun is not supported yet; resume the run in one "
+                             "process: layerwise train --resume [RUN_DIR]")
+    if nproc is not None:
+        if nproc < 1:
+            raise LayerwiseError(f"--nproc: expected a number of processes >= 1, found {nproc}")
+        if launched_world_size() > 1:
+            raise LayerwiseError("--nproc inside torchrun would start processes within each process; "
+                                 "give one of them only")
+        if recipe is None:
+            raise LayerwiseError("train --nproc: give a recipe file or shipped recipe name")
+        # Checked here, once, so a mistake is one line instead of one failure per worker.
+        check_batch_divides(load_recipe(resolve_recipe_path(recipe), overrides or []).data.batch_size, nproc)
+        options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
+        code = launch(nproc, ["train", recipe, *(overrides or []), *options, *(["--no-progress"] if no_progress else [])])
+        raise typer.Exit(code)
     if resume:
         if overrides:
             raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "

@@ -439,6 +439,11 @@ class BatchStream:
     :meth:`set_epoch`), so it is reproducible and a resumed run continues identically.
     Noise, if any, is seeded with ``noise_seed + e`` when shuffling (training: fresh noise
     each epoch) and ``noise_seed`` otherwise (evaluation: the same noisy set every time).
+
+    ``shard=(rank, world)`` yields only this rank's contiguous share of each batch (the batch's
+    indices split in ``world`` parts, taken before any image is decoded or noised): ranks that
+    build the same stream together see exactly the batches of the unsharded stream. Equal shares
+    need a ``batch_size`` divisible by ``world`` and ``drop_last`` (see :mod:`layerwise.distributed`).
     """
 
     def __init__(
@@ -454,9 +459,13 @@ class BatchStream:
         noise_seed: int = 0,
         device: str | torch.device = "cpu",
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
         if images_uint8.dtype != torch.uint8 or len(images_uint8) != len(labels):
             raise ValueError(
                 f"expected uint8 images and as many labels, got {images_uint8.dtype} "
@@ -477,6 +486,7 @@ class BatchStream:
         self.noise = noise
         self.noise_seed = noise_seed
         self.drop_last = drop_last
+        self.shard = shard
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -504,10 +514,13 @@ class BatchStream:
         order = self.epoch_order()
         order_on_device = order.to(self.device)  # one copy per epoch, not per batch
         noise_seed = self.noise_seed + (self.epoch if self.shuffle else 0)
+        rank, world = self.shard
         for b in range(len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order_on_device[batch]
+            idx, idx_cpu = order_on_device[batch], order[batch]
+            if world > 1:
+                idx, idx_cpu = idx.tensor_split(world)[rank], idx_cpu.tensor_split(world)[rank]
             x = self.images[idx].to(torch.float32).div_(255.0)
             x = add_gaussian_noise(x, self.noise, idx, noise_seed)
             x = x.sub_(self.mean).div_(self.std)  # x is a fresh tensor: in place is safe
-            yield x, self.labels[idx], order[batch]
+            yield x, self.labels[idx], idx_cpu

@@ -7,6 +7,7 @@ complete epoch. Every epoch ends by writing the resume state (the commit point, 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from layerwise.atomic import remove_stale_temporaries
 from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
 from layerwise.data import BatchStream, load_split
+from layerwise.distributed import STOP_CHECK_EVERY, Group, joined
 from layerwise.errors import CheckpointError, LayerwiseError, NonFiniteError, TrainingInterrupted
 from layerwise.graph import Graph
 from layerwise.interrupt import StopOnInterrupt
@@ -39,6 +41,12 @@ class Session:
     train_stream: BatchStream
     test_stream: BatchStream
     val_stream: BatchStream | None
+    group: Group | None = None  # several processes (torchrun): this one's rank; None: one process
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that prints and writes the run folder (the only one, or rank 0)."""
+        return self.group is None or self.group.is_main
 
 
 def train_recipe(
@@ -51,14 +59,22 @@ def train_recipe(
     """Train ``recipe`` to the end in a new run folder, checkpointing every epoch; return the folder.
 
     ``quiet`` drops the per-epoch lines and the final table (for scripts running many recipes).
+
+    Launched by torchrun, this process trains its share of every batch (see
+    :mod:`layerwise.distributed`); only rank 0 creates and writes the run folder and returns
+    its path, the other ranks return None.
     """
-    session = prepare(recipe, data_root)  # the data first: nothing is created before it is found
-    run = create_run_dir(runs_root, recipe)
-    write_run_files(run, recipe, session.device)
-    if not quiet:
-        stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
-                     f"{session.device}; run folder {run}")
-    return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
+    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group:
+        session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
+        if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
+            return run_epochs(session, None, None, [], False, True)
+        run = create_run_dir(runs_root, recipe)
+        write_run_files(run, recipe, session.device)
+        if not quiet:
+            processes = f" in {group.world} processes" if group is not None else ""
+            stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
+                         f"{session.device}{processes}; run folder {run}")
+        return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
 
 
 def resume_run(
@@ -124,9 +140,14 @@ def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:
     return state
 
 
-def prepare(recipe: Recipe, data_root: str | Path | None) -> Session:
-    """Load the data and build the seeded model, trainer and batch streams."""
-    device = resolve_device(recipe.train.device)
+def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = None) -> Session:
+    """Load the data and build the seeded model, trainer and batch streams.
+
+    With a ``group``, every rank builds the same model (rank 0's weights are broadcast to be
+    sure) and the same shuffled stream, of which it takes its own contiguous share of each batch.
+    The last incomplete batch is dropped so that every share has the same size.
+    """
+    device = resolve_device(recipe.train.device) if group is None else group.device
     spec = registries().datasets.get(recipe.data.dataset)
     train_images, train_labels = load_split(spec, "train", data_root)
     test_images, test_labels = load_split(spec, "test", data_root)
@@ -140,12 +161,23 @@ def prepare(recipe: Recipe, data_root: str | Path | None) -> Session:
         val_images, val_labels = train_images[-held_out:], train_labels[-held_out:]
         train_images, train_labels = train_images[:-held_out], train_labels[:-held_out]
 
+    if group is not None and len(train_labels) < recipe.data.batch_size:
+        raise LayerwiseError(f"data.batch_size {recipe.data.batch_size} is more than the {len(train_labels)} training "
+                             f"samples; with several processes the incomplete last batch is dropped, so none would be left")
+
     torch.manual_seed(recipe.seed)
     graph = Graph(recipe, spec.shape, spec.num_classes).to(device)
-    trainer = Trainer(graph, recipe, spec.num_classes)
+    if group is not None:
+        group.broadcast_module(graph)
+    trainer = Trainer(graph, recipe, spec.num_classes, group=group)
+    if group is not None and group.rank:
+        # Dropout draws from this generator: without a stream of its own, every rank's share
+        # would get the same masks. (Rank 0 keeps the seed's stream.)
+        torch.manual_seed(recipe.seed + group.rank)
     train_stream = BatchStream(
         spec, train_images, train_labels, batch_size=recipe.data.batch_size, shuffle=True,
         seed=recipe.seed, noise=recipe.data.train_noise, noise_seed=recipe.seed, device=device,
+        drop_last=group is not None, shard=(0, 1) if group is None else group.shard(),
     )
     # Test noise is the same as training noise: the paper's "noisy train and test" protocol.
     test_stream = BatchStream(
@@ -160,16 +192,19 @@ def prepare(recipe: Recipe, data_root: str | Path | None) -> Session:
             seed=0, noise=recipe.data.train_noise, noise_seed=1, device=device,
         )
 
-    return Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream)
+    return Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream, group)
 
 
 def run_epochs(
-    session: Session, run: Path, log: MetricsLog, history: list[dict], show_progress: bool, quiet: bool
-) -> Path:
+    session: Session, run: Path | None, log: MetricsLog | None, history: list[dict], show_progress: bool, quiet: bool
+) -> Path | None:
     """Train from the epoch after ``history`` to the last, saving each; stop cleanly on Ctrl-C.
 
     A failure inside the loop (a NaN, a full disk) or Ctrl-C says which epoch is kept and how
     to go on; the files of the last complete epoch are never touched by a failed write.
+
+    Ranks other than 0 (``run`` and ``log`` None) only train: rank 0 evaluates and writes with
+    the same weights while they wait in the next batch's collectives.
     """
     recipe, graph, trainer = session.recipe, session.graph, session.trainer
     saved = history[-1]["epoch"] if history else 0
@@ -179,14 +214,30 @@ def run_epochs(
     try:
         with StopOnInterrupt() as interrupt, progress_bar(show_progress) as bars:
             epochs = bars.add_task("epochs", total=recipe.train.epochs, completed=saved)
+            asked = itertools.count()
+
+            def stop_requested() -> bool:
+                """Ctrl-C was pressed; with several processes, in any of them: all must stop at the
+                same batch, or the others would wait for the missing one forever."""
+                return interrupt.requested if session.group is None else session.group.any(interrupt.requested)
+
+            def should_stop() -> bool:
+                """Asked before each batch; the ranks' vote costs a collective and a host sync,
+                so with several processes it is held every few batches only."""
+                return (session.group is None or next(asked) % STOP_CHECK_EVERY == 0) and stop_requested()
+
             for epoch in range(saved + 1, recipe.train.epochs + 1):
                 session.train_stream.set_epoch(epoch)
                 batches = bars.add_task(f"epoch {epoch} train", total=len(session.train_stream))
                 started = time.perf_counter()
                 summary = trainer.train_epoch(session.train_stream, on_batch=lambda: bars.advance(batches),
-                                              epoch=epoch, should_stop=lambda: interrupt.requested)
+                                              epoch=epoch, should_stop=should_stop)
                 train_seconds = time.perf_counter() - started
                 bars.remove_task(batches)
+                if not session.is_main:
+                    if epoch < recipe.train.epochs and stop_requested():
+                        raise TrainingInterrupted(f"stopped after epoch {epoch}")
+                    continue
                 testing = bars.add_task(f"epoch {epoch} test", total=len(session.test_stream))
                 test = evaluate(graph, session.test_stream, on_batch=lambda: bars.advance(testing))
                 bars.remove_task(testing)
@@ -205,7 +256,7 @@ def run_epochs(
                 skipped = f", {record['skipped_batches']} non-finite batches skipped" if record.get("skipped_batches") else ""
                 say(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
                     f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s{skipped}")
-                if interrupt.requested and epoch < recipe.train.epochs:
+                if epoch < recipe.train.epochs and stop_requested():
                     raise TrainingInterrupted(f"stopped after epoch {epoch}")
     except (KeyboardInterrupt, TrainingInterrupted):  # a second Ctrl-C, or the first at a batch boundary
         raise TrainingInterrupted(interrupted_message(run, epoch, saved)) from None

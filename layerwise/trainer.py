@@ -9,6 +9,10 @@ Routing (DESIGN.md section 2):
    block sets ``detach: true``;
 4. frozen blocks get no optimizer and no gradient.
 Optimizers are built once and persist across batches, so momentum is kept.
+
+With a :class:`~layerwise.distributed.Group` (several processes, each on a share of the batch),
+local losses see the gathered global batch and every gradient is summed over the ranks before
+the optimizers step; :mod:`layerwise.distributed` explains why that equals one process's step.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from layerwise.distributed import Group
 from layerwise.errors import LayerwiseError, TrainingInterrupted
 from layerwise.graph import Graph
 from layerwise.nonfinite import Key, NonFiniteWatch
@@ -110,8 +115,12 @@ class StepResult:
 class Trainer:
     """Trains a :class:`Graph` with one optimizer per local block and one for the rest."""
 
-    def __init__(self, graph: Graph, recipe: Recipe, num_classes: int, nonfinite_check_every: int | None = None):
+    def __init__(self, graph: Graph, recipe: Recipe, num_classes: int, nonfinite_check_every: int | None = None,
+                 group: Group | None = None):
         self.graph = graph
+        self.group = group  # None: one process
+        # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
+        self.objective_params = [p for block in graph.local_blocks() for p in block.objective.parameters()]
         self.num_classes = num_classes
         self.local_params = {
             block.config.name: [p for p in block.parameters() if p.requires_grad] for block in graph.local_blocks()
@@ -136,8 +145,14 @@ class Trainer:
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One forward pass; each local block's loss goes backward into its own parameters as
-        soon as the block's output exists, then the global loss into the ``none`` blocks."""
-        ctx = LossContext(x=x, y=y, num_classes=self.num_classes, kernels=KernelCache())
+        soon as the block's output exists, then the global loss into the ``none`` blocks.
+
+        Distributed, ``x`` and ``y`` are this rank's share: local losses get the global batch
+        (their kernels couple every pair of samples), and gradients are summed over ranks at the end.
+        """
+        group = self.group
+        x_all, y_all = (x, y) if group is None else (group.gather(x), group.gather(y))
+        ctx = LossContext(x=x_all, y=y_all, num_classes=self.num_classes, kernels=KernelCache())
         result = StepResult(block_metrics={})
 
         def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -146,8 +161,12 @@ class Trainer:
             if not block.local or block.config.freeze:
                 return z
             ctx.block_input = block_input
+            z_loss = z
+            if group is not None:
+                ctx.block_input = x_all if block_input is x else group.gather_with_grad(block_input)
+                z_loss = group.gather_with_grad(z)
             try:
-                loss, metrics = block.objective.loss(z, ctx)
+                loss, metrics = block.objective.loss(z_loss, ctx)
             except FloatingPointError:
                 # An objective may detect non-finite values itself (nhsic's Cholesky does): record
                 # a NaN loss for this block, so the non-finite watch names it like any other.
@@ -167,12 +186,39 @@ class Trainer:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.graph(x, on_output=train_block).logits
         # The loss in at least float32: bf16 logits would round the cross-entropy coarsely.
-        global_loss = nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+        logits_float = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if group is None:
+            global_loss = nn.functional.cross_entropy(logits_float, y)
+        else:  # this share's part of the global mean: the parts add up over ranks
+            global_loss = nn.functional.cross_entropy(logits_float, y, reduction="sum") / y_all.shape[0]
         if self.global_params:
             global_loss.backward(inputs=self.global_params)
         result.logits, result.global_loss = logits.detach(), global_loss.detach()
         result.watch(("", "global"), result.global_loss)
+        if group is not None:
+            self.sum_over_ranks(result)
         return result
+
+    def sum_over_ranks(self, result: StepResult) -> None:
+        """Sum every gradient, the global loss and the watched values over ranks, in one all-reduce.
+
+        Gradients: each rank holds its term of the full gradient (see :mod:`layerwise.distributed`),
+        except for objectives' own modules, whose whole gradient every rank already has: their sum
+        is divided by the world size again (an average, which also keeps the ranks in step).
+        Watched values: summed, a value is finite only if it is finite on every rank, so all ranks
+        step, skip or stop on the same batch (values that are equal everywhere, such as the local
+        losses, come out multiplied by the world size; only their finiteness is read).
+        """
+        params = [p for params in self.local_params.values() for p in params] + self.global_params
+        grads = [p.grad for p in params if p.grad is not None]
+        watched = torch.stack([v.to(torch.float32) for v in result.watched_values])
+        global_loss = result.global_loss.clone()  # in its own dtype, for the log
+        self.group.sum_([*grads, watched, global_loss])
+        for p in self.objective_params:
+            if p.grad is not None:
+                p.grad.div_(self.group.world)
+        result.watched_values = list(watched.unbind())
+        result.global_loss = global_loss  # the mean over the global batch
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One training step on a batch; a non-finite batch stops training or, with
@@ -223,6 +269,11 @@ class Trainer:
             if on_batch is not None:
                 on_batch()
         self.watch.finish_epoch(done)
+        if self.group is not None:  # accuracy over the global batch: every shard's counts
+            counts = torch.tensor([float(totals.correct), float(totals.samples)], dtype=torch.float64,
+                                  device=self.group.device)
+            self.group.sum_([counts])
+            totals.correct, totals.samples = counts[0], int(counts[1])
         summary = totals.summary()
         if self.watch.mode == "skip":
             summary["skipped_batches"] = self.watch.skipped
