@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}, "total_seconds": 0.0}
     state["command"] = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     state["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__}
+    # Tables follow the study's own order (dataset, method, seed), however the jobs were resumed.
+    order = [job.key for job in STUDIES[args.study](seeds)]
+    state["records"] = dict(sorted(state["records"].items(),
+                                   key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     todo = [job for job in jobs if job.key not in state["records"]]
     with progress_bar() as bars:
         task = bars.add_task(f"{args.study}: {len(jobs) - len(todo)} of {len(jobs)} done", total=len(jobs),
