@@ -47,6 +47,20 @@ def test_each_study_runs_tiny_and_resumes(tmp_path, mnist_available, study, only
     reproduce.main(args)  # resumes: every job is already done
 
 
+def test_conv_study_runs_tiny(tmp_path):
+    from layerwise.data import load_split
+    from layerwise.errors import DataError
+    from layerwise.plugins import registries
+
+    try:
+        load_split(registries().datasets.get("cifar10"), "test")
+    except DataError:
+        pytest.skip("CIFAR-10 is not on this machine (see README: ../shared/data/cifar10/fetch)")
+    load("reproduce").main(["conv", "--tiny", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    state = json.loads((tmp_path / "conv.json").read_text())
+    assert set(state["records"]) == {"cifar10/conv_hybrid/seed0", "cifar10/conv_backprop/seed0"}
+
+
 def test_speed_benchmark_tiny(tmp_path):
     result = load("speed").main(["--tiny", "--out", str(tmp_path)])
     rows = result["results"]
