@@ -284,13 +284,13 @@ class Trainer:
 def evaluate(graph: Graph, batches, on_batch: Callable[[], None] | None = None) -> dict:
     """Accuracy and mean cross-entropy of the head over ``batches``."""
     graph.eval()
-    correct = torch.zeros((), dtype=torch.long)
-    loss_sum = torch.zeros(())
+    correct: torch.Tensor | int = 0  # sums stay on the model's device: one host read at the end
+    loss_sum: torch.Tensor | float = 0.0
     samples = 0
     for x, y, _ in batches:
         logits = graph(x).logits
-        correct = correct + (logits.argmax(dim=1) == y).sum().cpu()
-        loss_sum = loss_sum + nn.functional.cross_entropy(logits, y, reduction="sum").cpu()
+        correct = correct + (logits.argmax(dim=1) == y).sum()
+        loss_sum = loss_sum + nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum")
         samples += y.shape[0]
         if on_batch is not None:
             on_batch()
