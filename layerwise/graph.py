@@ -96,6 +96,11 @@ class Graph(nn.Module):
         paths = block_paths(recipe)
         self.deps = block_inputs(recipe.model.blocks())
         self.order = topological_order(self.deps)
+        # How many blocks read each output: fixed by the graph, so counted once, not per batch.
+        self.reader_counts = {name: 0 for name in (INPUT, *self.order)}
+        for sources in self.deps.values():
+            for src in sources:
+                self.reader_counts[src] += 1
         self.head = recipe.model.blocks()[-1].name
         self.blocks = nn.ModuleDict()
         shapes: dict[str, tuple[int, ...]] = {INPUT: tuple(input_shape)}
@@ -134,10 +139,7 @@ class Graph(nn.Module):
         grow with depth; ``inputs`` and ``outputs`` of the result stay empty.
         """
         values = {INPUT: x}
-        readers_left = {name: 0 for name in values} | {name: 0 for name in self.order}
-        for name in self.order:
-            for src in self.deps[name]:
-                readers_left[src] += 1
+        readers_left = dict(self.reader_counts)
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
         for name in self.order:

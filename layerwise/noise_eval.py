@@ -73,6 +73,7 @@ def write_report(report: dict, eval_dir: Path) -> Path:
     """Save the report under the run's ``eval/`` folder, named by time so reports accumulate."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     path = eval_dir / f"noise-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-    write_text_atomic(eval_dir / "noise-latest.json", json.dumps(report, indent=2) + "\n")
+    text = json.dumps(report, indent=2) + "\n"
+    write_text_atomic(path, text)
+    write_text_atomic(eval_dir / "noise-latest.json", text)
     return path

@@ -179,18 +179,14 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
         seed=recipe.seed, noise=recipe.data.train_noise, noise_seed=recipe.seed, device=device,
         drop_last=group is not None, shard=(0, 1) if group is None else group.shard(),
     )
-    # Test noise is the same as training noise: the paper's "noisy train and test" protocol.
-    test_stream = BatchStream(
-        spec, test_images, test_labels, batch_size=recipe.data.test_batch_size, shuffle=False,
-        seed=0, noise=recipe.data.train_noise, noise_seed=0, device=device,
-    )
 
-    val_stream = None
-    if held_out:
-        val_stream = BatchStream(
-            spec, val_images, val_labels, batch_size=recipe.data.test_batch_size, shuffle=False,
-            seed=0, noise=recipe.data.train_noise, noise_seed=1, device=device,
-        )
+    def evaluation_stream(images: torch.Tensor, labels: torch.Tensor, noise_seed: int) -> BatchStream:
+        # Evaluation noise is the training noise: the paper's "noisy train and test" protocol.
+        return BatchStream(spec, images, labels, batch_size=recipe.data.test_batch_size, shuffle=False,
+                           seed=0, noise=recipe.data.train_noise, noise_seed=noise_seed, device=device)
+
+    test_stream = evaluation_stream(test_images, test_labels, noise_seed=0)
+    val_stream = evaluation_stream(val_images, val_labels, noise_seed=1) if held_out else None
 
     return Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream, group)
 
