@@ -2,7 +2,9 @@
 
 Alternating keeps the ratios honest on a shared, noisy machine: every method sees the same
 background load. Reports the median ms per batch (after warm-up), samples per second, and each
-method's time relative to ``mnist_backprop``. Writes ``docs/results/speed.json`` and
+method's time relative to ``mnist_backprop`` and to backprop on the same widths: a recipe whose
+layers differ from every all-backprop recipe measured is also timed as its "backprop twin"
+(every objective ``none``, nothing detached). Writes ``docs/results/speed.json`` and
 ``docs/results/speed.md``.
 
     python benchmarks/speed.py                 # 1 thread, batch 256, 30 rounds of 5 steps
@@ -12,6 +14,7 @@ method's time relative to ``mnist_backprop``. Writes ``docs/results/speed.json``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -22,7 +25,7 @@ import yaml
 
 from layerwise.atomic import write_text_atomic
 from layerwise.graph import Graph
-from layerwise.recipe import load_recipe
+from layerwise.recipe import Recipe, load_recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
 from layerwise.trainer import Trainer
@@ -31,13 +34,54 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = "mnist_backprop"
 
 
-def make_trainer(name: str, overrides: list[str], device: torch.device, nhsic: dict | None = None) -> Trainer:
-    """A trainer for a shipped MNIST recipe (28x28 grey input, 10 classes); ``nhsic`` options
-    are applied to every nhsic block (e.g. ``{"normalization": "cka"}``)."""
+def load(name: str, overrides: list[str], nhsic: dict | None = None) -> Recipe:
+    """A shipped MNIST recipe; ``nhsic`` options are applied to every nhsic block
+    (e.g. ``{"normalization": "cka"}``)."""
     recipe = load_recipe(shipped_recipes()[name], overrides)
     for block in recipe.model.blocks():
         if block.objective_name == "nhsic":
             block.objective = {**block.objective, **(nhsic or {})}
+    return recipe
+
+
+def is_backprop(recipe: Recipe) -> bool:
+    """True when every block is trained by the global loss."""
+    return all(block.objective_name == "none" and not block.detach for block in recipe.model.blocks())
+
+
+def backprop_twin(recipe: Recipe) -> Recipe:
+    """The same layers with every objective ``none`` and nothing detached: plain backprop."""
+    twin = dataclasses.replace(recipe, name=f"{recipe.name}-as-backprop")
+    twin.model = dataclasses.replace(recipe.model, subnetworks=[
+        dataclasses.replace(sub, blocks=[dataclasses.replace(b, objective="none", detach=False) for b in sub.blocks])
+        for sub in recipe.model.subnetworks
+    ])
+    return twin
+
+
+def widths(recipe: Recipe) -> tuple:
+    """What fixes a network's cost whatever trains it: each block without its name and objective."""
+    ignored = ("name", "objective", "detach", "freeze")
+    return tuple(tuple(repr(v) for k, v in dataclasses.asdict(b).items() if k not in ignored)
+                 for b in recipe.model.blocks())
+
+
+def with_twins(recipes: dict[str, Recipe]) -> tuple[dict[str, Recipe], dict[str, str]]:
+    """``recipes`` plus a backprop twin for each recipe with no all-backprop recipe of its widths,
+    and for every recipe the name of its same-widths backprop reference."""
+    references = {widths(r): name for name, r in recipes.items() if is_backprop(r)}
+    timed, reference = dict(recipes), {}
+    for name, recipe in recipes.items():
+        key = widths(recipe)
+        if key not in references:
+            references[key] = f"{name} as backprop"
+            timed[references[key]] = backprop_twin(recipe)
+        reference[name] = references[key]
+    return timed, reference
+
+
+def make_trainer(recipe: Recipe, device: torch.device) -> Trainer:
+    """A trainer for an MNIST recipe (28x28 grey input, 10 classes)."""
     torch.manual_seed(0)
     graph = Graph(recipe, (1, 28, 28), 10).to(device)
     graph.train()
@@ -60,24 +104,24 @@ def time_steps(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -
     return 1000 * (time.perf_counter() - started) / steps
 
 
-def measure(names: list[str], overrides: list[str], batch: int, rounds: int, steps: int, warmup: int,
-            device: torch.device, nhsic: dict | None = None) -> dict[str, list[float]]:
+def measure(recipes: dict[str, Recipe], batch: int, rounds: int, steps: int, warmup: int,
+            device: torch.device) -> dict[str, list[float]]:
     """Per-method lists of ms/step, measured round-robin."""
-    trainers = {name: make_trainer(name, overrides, device, nhsic) for name in names}
+    trainers = {name: make_trainer(recipe, device) for name, recipe in recipes.items()}
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     for trainer in trainers.values():
         time_steps(trainer, x, y, warmup)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in recipes}
     for _ in range(rounds):
         for name, trainer in trainers.items():
             samples[name].append(time_steps(trainer, x, y, steps))
     return samples
 
 
-def summarise(samples: dict[str, list[float]], batch: int) -> dict[str, dict]:
-    """Median ms/batch, samples/s and the ratio to the baseline."""
+def summarise(samples: dict[str, list[float]], batch: int, reference: dict[str, str]) -> dict[str, dict]:
+    """Median ms/batch, samples/s, and the ratios to the baseline and to the same-widths backprop."""
     medians = {name: statistics.median(values) for name, values in samples.items()}
     base = medians.get(BASELINE)
     return {
@@ -85,6 +129,8 @@ def summarise(samples: dict[str, list[float]], batch: int) -> dict[str, dict]:
             "ms_per_batch": round(ms, 3),
             "samples_per_s": round(1000 * batch / ms, 1),
             "vs_backprop": round(ms / base, 3) if base else None,
+            "same_widths_backprop": reference.get(name, name),
+            "vs_same_widths_backprop": round(ms / medians[reference.get(name, name)], 3),
             "spread_ms": [round(min(samples[name]), 3), round(max(samples[name]), 3)],
         }
         for name, ms in medians.items()
@@ -115,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     nhsic = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.nhsic)}
-    samples = measure(args.recipes, args.override, args.batch, args.rounds, args.steps, args.warmup, device, nhsic)
+    recipes, reference = with_twins({name: load(name, args.override, nhsic) for name in args.recipes})
+    samples = measure(recipes, args.batch, args.rounds, args.steps, args.warmup, device)
     result = {
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": {"cpu": cpu_name(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -123,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "overrides": args.override,
         "nhsic": nhsic,
-        "results": summarise(samples, args.batch),
+        "results": summarise(samples, args.batch, reference),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
@@ -132,14 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
              f"{result['machine']['threads']} thread(s), torch {result['machine']['torch']}; batch {args.batch}; "
              f"median of {args.rounds} samples of {args.steps} steps, methods alternating"
              + (f"; every nhsic block with {nhsic}" if nhsic else "") + ".", "",
-             "| recipe | ms / batch | samples / s | × backprop |", "|---|---|---|---|"]
+             f"| recipe | ms / batch | samples / s | × {BASELINE} | × backprop on the same widths |",
+             "|---|---|---|---|---|"]
     for name, row in result["results"].items():
         ratio = f"{row['vs_backprop']:.2f}" if row["vs_backprop"] else "-"
-        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} |")
+        same = f"{row['vs_same_widths_backprop']:.2f} ({row['same_widths_backprop']})"
+        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} | {same} |")
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.profile:
-        table = profile_step(make_trainer("mnist_hybrid", args.override, device, nhsic), args.batch, device)
+        hybrid = recipes.get("mnist_hybrid") or load("mnist_hybrid", args.override, nhsic)
+        table = profile_step(make_trainer(hybrid, device), args.batch, device)
         write_text_atomic(args.out / f"{args.name}-profile.txt", f"{result['command'].strip()}\n\n{table}\n")
     return result
 

@@ -64,8 +64,13 @@ def test_conv_study_runs_tiny(tmp_path):
 def test_speed_benchmark_tiny(tmp_path):
     result = load("speed").main(["--tiny", "--out", str(tmp_path)])
     rows = result["results"]
-    assert set(rows) == {"mnist_backprop", "mnist_hybrid", "mnist_hsic"}
+    # mnist_hsic's layers (5 x 256) differ from mnist_backprop's, so its backprop twin is timed too;
+    # mnist_hybrid has mnist_backprop's layers and is compared with it.
+    assert set(rows) == {"mnist_backprop", "mnist_hybrid", "mnist_hsic", "mnist_hsic as backprop"}
     assert rows["mnist_backprop"]["vs_backprop"] == 1.0
+    assert rows["mnist_hybrid"]["same_widths_backprop"] == "mnist_backprop"
+    assert rows["mnist_hsic"]["same_widths_backprop"] == "mnist_hsic as backprop"
+    assert rows["mnist_hsic as backprop"]["vs_same_widths_backprop"] == 1.0
     assert all(row["ms_per_batch"] > 0 for row in rows.values())
     assert (tmp_path / "speed.md").exists()
 

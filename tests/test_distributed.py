@@ -173,8 +173,13 @@ def test_shards_of_a_stream_make_up_its_batches():
 
 def write_recipe(folder) -> str:
     """The tiny hybrid recipe (nhsic then backprop blocks, no batch-norm), trained with SGD: unlike
-    Adam, SGD's step is proportional to the gradient, so a wrongly scaled gradient would show."""
+    Adam, SGD's step is proportional to the gradient, so a wrongly scaled gradient would show.
+
+    The nhsic ridge is eps 1e-3, not the papers' 1e-5: at batch 64 that ridge (6.4e-4) makes
+    the local gradient so ill-conditioned that float32 rounding differences grow about tenfold
+    per step (docs/distributed.md), and the comparison would measure chaos, not correctness."""
     recipe = tiny_recipe(train_limit=512)
+    recipe["model"]["subnetworks"][0]["blocks"][0]["objective"]["eps"] = 1e-3
     recipe["train"]["epochs"] = 2
     recipe["optim"] = {"local": {"name": "sgd", "lr": 1e-4}, "global": {"name": "sgd", "lr": 0.1}}
     path = folder / "tiny.yaml"
@@ -203,19 +208,17 @@ def test_nproc_2_trains_the_model_of_one_process(tmp_path, cli, mnist_available)
     multi, one = load_file(multi_run / "model.safetensors"), load_file(single_run / "model.safetensors")
     assert multi.keys() == one.keys()
     for name in one:
-        # Measured: at most 7e-5 apart (weights up to 0.64) after 16 steps; a one-process run with
-        # 2 threads instead of 1 differs from this one by as much (see docs/distributed.md).
-        torch.testing.assert_close(multi[name], one[name], rtol=1e-3, atol=5e-4, msg=name)
+        # Measured: at most 3e-8 apart (weights up to 0.64) after 16 steps: float32 rounding.
+        torch.testing.assert_close(multi[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
     def records(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     for got, expected in zip(records(multi_run), records(single_run), strict=True):
-        # train accuracy counts every rank's samples (a sample near a tie may flip: measured equal)
-        assert abs(got["train_acc"] - expected["train_acc"]) <= 4 / 512
-        assert got["global_loss"] == pytest.approx(expected["global_loss"], rel=1e-4)
-        assert got["blocks"]["hsic1"]["hsic_zy"] == pytest.approx(expected["blocks"]["hsic1"]["hsic_zy"], rel=1e-4)
-        assert abs(got["test_acc"] - expected["test_acc"]) <= 0.002
+        assert got["train_acc"] == expected["train_acc"]  # counts every rank's samples
+        assert got["global_loss"] == pytest.approx(expected["global_loss"], rel=1e-6)
+        assert got["blocks"]["hsic1"]["hsic_zy"] == pytest.approx(expected["blocks"]["hsic1"]["hsic_zy"], rel=1e-6)
+        assert got["test_acc"] == expected["test_acc"]
 
 
 # --------------------------------------------------------------------------- the CLI

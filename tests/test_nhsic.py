@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from layerwise.objectives.base import BlockInfo, LossContext
-from layerwise.objectives.nhsic import (
-    NHSIC,
+from layerwise.objectives.kernels import (
     CCAStatistic,
-    NHSICConfig,
     cca_operator,
     center,
+    centered_gaussian_gram,
     gaussian_gram,
+    label_cca_operator,
 )
+from layerwise.objectives.nhsic import NHSIC, NHSICConfig
 from layerwise.schema import Problems, build
 
 F64 = torch.float64
@@ -195,9 +196,48 @@ def test_cca_statistic_gradcheck_through_features():
     ry = cca_operator(center(gaussian_gram(yh, sigma)), eps)
 
     def fn(features):
-        return CCAStatistic.apply(center(gaussian_gram(features, sigma)), rx, ry, eps)
+        return CCAStatistic.apply(centered_gaussian_gram(features, sigma), rx, ry, eps)
 
     assert torch.autograd.gradcheck(fn, (z.clone().requires_grad_(True),), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- fused kernels
+
+
+def test_centered_gram_gradient_matches_autograd_of_textbook_form():
+    # An incoming gradient that is not symmetric, and image-shaped features: the fused backward
+    # must not rely on either being convenient.
+    z = torch.randn(7, 1, 2, 3, dtype=F64, generator=gen(11))
+    upstream = torch.randn(7, 7, dtype=F64, generator=gen(12))
+    features = z.clone().requires_grad_(True)
+    (fused,) = torch.autograd.grad((centered_gaussian_gram(features, 0.9) * upstream).sum(), features)
+    reference_in = z.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad((ref_center(ref_gram(reference_in, 0.9)) * upstream).sum(), reference_in)
+    assert fused.shape == z.shape
+    rel_close(fused, reference, rtol=1e-9, atol=1e-12)
+    assert reference.abs().max() > 1e-3
+
+
+def test_centered_gram_gradcheck():
+    z = torch.randn(6, 3, dtype=F64, generator=gen(13)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: centered_gaussian_gram(f, 1.1), (z,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gaussian_gram_refuses_to_be_differentiated():
+    # It builds the kernel in place; silently wrong gradients would be worse than this error.
+    with pytest.raises(RuntimeError, match="centered_gaussian_gram"):
+        gaussian_gram(torch.randn(4, 2, requires_grad=True), 1.0)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 1, 0, 2, 2, 1], [0, 0, 2, 2, 0, 2, 0, 2]], ids=["all", "absent-class"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
+def test_label_operator_equals_the_explicit_cca_operator(labels, eps):
+    # One-hot labels: the C x C push-through form must equal the m x m inverse, also when a class
+    # is missing from the batch (a zero column of U).
+    onehot = torch.nn.functional.one_hot(torch.tensor(labels), 3).to(F64)
+    for sigma in (0.8, 10.0):
+        expected = ref_r(ref_center(ref_gram(onehot, sigma)), eps)
+        rel_close(label_cca_operator(onehot, sigma, eps), expected, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("normalization", ["cca", "cka"])
@@ -460,3 +500,22 @@ def test_rff_estimator_has_gradients_and_shares_input_features_across_blocks():
 def test_rff_features_must_be_positive():
     _, problems = build_config({"estimator": "rff", "features": 0})
     assert any("features" in p for p in problems)
+
+
+@pytest.mark.parametrize("normalization", ["cca", "cka"])
+def test_loss_is_computed_in_float32_under_bf16_autocast(normalization):
+    # train.precision: bf16 runs the blocks under autocast; the kernels must not follow, since
+    # |a|^2 + |b|^2 - 2ab cancels catastrophically in bf16 matmuls.
+    g = gen(21)
+    x, z = torch.randn(16, 30, generator=g), torch.randn(16, 20, generator=g)
+    y = torch.randint(0, 4, (16,), generator=g)
+    obj = objective(4, 20, 30, normalization=normalization)
+
+    def loss():
+        return obj.loss(z, LossContext(x=x, y=y, num_classes=4))[0]
+
+    plain = loss()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = loss()
+    assert autocast.dtype == torch.float32
+    assert torch.equal(plain, autocast)

@@ -12,17 +12,13 @@ and one-hot labels ``Y``, the block minimises
 
 keeping what predicts the label while forgetting the rest of the input.
 
-Kernels are Gaussian with the width scaled by the feature count ``d``:
-``k(a, b) = exp(-||a - b||^2 / (2 sigma^2 d))``, so one ``sigma`` suits layers of any width.
-Centering ``Kc = H K H`` (with ``H = I - 11^T/m``) is done by subtracting row, column and
-grand means; ``H`` is never built.
+Kernels are Gaussian with the width scaled by the feature count ``d``, centred as
+``Kc = H K H``; :mod:`layerwise.objectives.kernels` builds them, with fused backwards.
 
 Two normalisations:
-- ``cca`` (the papers'): ``nHSIC(A, B) = tr(Ra Rb)``, ``R = Kc (Kc + eps m I)^-1``.
-  Writing ``M = Kc + lam I`` with ``lam = eps m``, ``R = I - lam M^-1`` and so
-  ``d tr(Ra Rb) / d Kc_a = lam M^-1 Rb M^-1``. :class:`CCAStatistic` uses that closed form:
-  one Cholesky-based inverse of ``M`` serves the forward and the backward, instead of autograd
-  differentiating through the factorisation.
+- ``cca`` (the papers'): ``nHSIC(A, B) = tr(Ra Rb)``, ``R = Kc (Kc + eps m I)^-1``, through
+  :class:`~layerwise.objectives.kernels.CCAStatistic` and its closed-form gradient. ``R_y``
+  comes from a ``C x C`` solve, since one-hot labels have a Gram of rank at most ``C``.
 - ``cka``: ``<Kc_a, Kc_b>_F / (||Kc_a||_F ||Kc_b||_F)``, in [0, 1] and with no solve.
 
 The input and label terms (``R_x``, ``R_y`` or the unit-norm centred Grams) do not depend on
@@ -43,6 +39,7 @@ from typing import Literal
 import torch
 
 from layerwise.objectives.base import LossContext, Objective
+from layerwise.objectives.kernels import CCAStatistic, cca_operator, centered_gaussian_gram, label_cca_operator
 from layerwise.schema import Problems, join
 
 
@@ -78,71 +75,9 @@ class NHSICConfig:
             problems.add(join(path, "features"), f"must be > 0, found {self.features}")
 
 
-def gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian Gram matrix of the rows of ``features`` (m, d), width scaled by ``d``.
-
-    Distances come from one matmul, ``|a|^2 + |b|^2 - 2 a b^T``, not an (m, m, d) broadcast.
-    """
-    flat = features.flatten(1)
-    sq_norms = (flat * flat).sum(dim=1)
-    dist = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (flat @ flat.T)).clamp_min_(0.0)
-    return torch.exp(dist * (-1.0 / (2.0 * sigma * sigma * flat.shape[1])))
-
-
-def center(gram: torch.Tensor) -> torch.Tensor:
-    """``H K H`` without building ``H``: subtract row and column means, add back the grand mean."""
-    return gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
-
-
-def ridge_inverse(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
-    """``M^-1 = (Kc + eps m I)^-1`` from a Cholesky factor, and the ridge ``eps m``.
-
-    Why an inverse although solves are the usual advice: ``M`` is symmetric positive definite
-    with condition number at most ``1 + max eig(Kc) / ridge``, so inverting through its Cholesky
-    factor loses nothing over solving with it; and on the CPU ``cholesky_inverse`` costs a
-    third of a ``cholesky_solve`` with ``m`` right-hand sides, while the backward needs
-    ``M^-1 G M^-1``, two plain matmuls once ``M^-1`` exists.
-    """
-    ridge = eps * centered.shape[0]
-    eye = torch.eye(centered.shape[0], dtype=centered.dtype, device=centered.device)
-    factor, info = torch.linalg.cholesky_ex(centered + ridge * eye)
-    if int(info) != 0:  # only reached with NaN/Inf features; a PSD Kc plus a ridge is positive definite
-        raise FloatingPointError("nHSIC: the regularised kernel is not positive definite (non-finite features?)")
-    return torch.cholesky_inverse(factor), ridge
-
-
-def cca_operator(centered: torch.Tensor, eps: float) -> torch.Tensor:
-    """``R = Kc (Kc + eps m I)^-1``, computed as ``I - eps m (Kc + eps m I)^-1``."""
-    inverse, ridge = ridge_inverse(centered, eps)
-    eye = torch.eye(centered.shape[0], dtype=centered.dtype, device=centered.device)
-    return eye - ridge * inverse
-
-
-class CCAStatistic(torch.autograd.Function):
-    """``(tr(Rz Rx), tr(Rz Ry))`` from ``Kc_z``, with the closed-form gradient in the module docstring."""
-
-    @staticmethod
-    def forward(ctx, centered_z: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, eps: float) -> torch.Tensor:
-        inverse, ridge = ridge_inverse(centered_z, eps)
-        # tr(Rz R) = tr(R) - ridge * tr(M^-1 R), and tr(A B) = sum(A * B^T) with every matrix symmetric.
-        stats = torch.stack((
-            torch.diagonal(r_x).sum() - ridge * (inverse * r_x).sum(),
-            torch.diagonal(r_y).sum() - ridge * (inverse * r_y).sum(),
-        ))
-        ctx.save_for_backward(inverse, r_x, r_y)
-        ctx.ridge = ridge
-        return stats
-
-    @staticmethod
-    def backward(ctx, grad_stats: torch.Tensor):
-        inverse, r_x, r_y = ctx.saved_tensors
-        weighted = grad_stats[0] * r_x + grad_stats[1] * r_y
-        return ctx.ridge * (inverse @ weighted @ inverse), None, None, None
-
-
 def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
     """Centred Gaussian Gram divided by its Frobenius norm, the building block of CKA."""
-    centered = center(gaussian_gram(features, sigma))
+    centered = centered_gaussian_gram(features, sigma)
     return centered / centered.norm().clamp_min(torch.finfo(centered.dtype).tiny)
 
 
@@ -226,8 +161,14 @@ class NHSIC(Objective):
                 f"becomes NaN; typical sigma is about 5. Otherwise a learning rate too high (optim.local.lr)")
 
     def loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Kernels in at least float32, with autocast off: a bf16 distance matmul cancels
+        # catastrophically in |a|^2 + |b|^2 - 2ab, and exp and the solve are too coarse.
+        with torch.autocast(z.device.type, enabled=False):
+            return self.float_loss(z, ctx)
+
+    def float_loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`loss` in at least float32."""
         cfg: NHSICConfig = self.config
-        # Kernels in at least float32: exp and the solve are too coarse in half precision.
         dtype = torch.promote_types(z.dtype, torch.float32)
         z = z.flatten(1).to(dtype)
         x = ctx.x.flatten(1).to(dtype)
@@ -236,9 +177,9 @@ class NHSIC(Objective):
             hsic_zx, hsic_zy = self.rff_terms(z, x, y, ctx)
         elif cfg.normalization == "cca":
             key = ("nhsic-cca", cfg.sigma, cfg.eps, dtype)
-            r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(center(gaussian_gram(x, cfg.sigma)), cfg.eps))
-            r_y = ctx.kernels.get(key + ("y",), lambda: cca_operator(center(gaussian_gram(y, cfg.sigma)), cfg.eps))
-            hsic_zx, hsic_zy = CCAStatistic.apply(center(gaussian_gram(z, cfg.sigma)), r_x, r_y, cfg.eps)
+            r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(centered_gaussian_gram(x, cfg.sigma), cfg.eps))
+            r_y = ctx.kernels.get(key + ("y",), lambda: label_cca_operator(y, cfg.sigma, cfg.eps))
+            hsic_zx, hsic_zy = CCAStatistic.apply(centered_gaussian_gram(z, cfg.sigma), r_x, r_y, cfg.eps)
         else:
             key = ("nhsic-cka", cfg.sigma, dtype)
             u_x = ctx.kernels.get(key + ("x",), lambda: unit_centered_gram(x, cfg.sigma))

@@ -1,0 +1,160 @@
+"""Kernel matrices and the ``cca`` statistic behind the nHSIC objective, with fused backwards.
+
+Kernels are Gaussian with the width scaled by the feature count ``d``:
+``k(a, b) = exp(-||a - b||^2 / (2 sigma^2 d))``, so one ``sigma`` suits layers of any width.
+Centering ``Kc = H K H`` (with ``H = I - 11^T/m``) subtracts row, column and grand means;
+``H`` is never built.
+
+Why custom autograd functions: at batch 256 the kernel work of a block is as large as the
+block's own layer, so every pass over an ``m x m`` matrix and every matmul shows in the time per
+batch (docs/performance.md has the profiles). Autograd through the plain expressions
+differentiates ``F @ F.T`` as two matmuls, one per operand, and keeps each elementwise
+intermediate alive; :class:`CenteredGaussianGram` needs one matmul and one saved ``m x m``
+matrix. :class:`CCAStatistic` replaces differentiation through a Cholesky factorisation by a
+closed form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _exponent_scale(width: int, sigma: float) -> float:
+    """``1 / (2 sigma^2 d)``: squared distances times this are the kernel's negative exponent."""
+    return 1.0 / (2.0 * sigma * sigma * width)
+
+
+def gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian Gram matrix of the rows of ``features`` (m, ...), flattened to (m, d).
+
+    Distances come from one matmul, ``|a|^2 + |b|^2 - 2 a b^T``, not an (m, m, d) broadcast;
+    rounding can make them negative, where the clamp puts them back to zero, and the diagonal is
+    exactly zero. Built in place, so not differentiable: :func:`centered_gaussian_gram` is.
+    """
+    flat = features.flatten(1)
+    if flat.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("gaussian_gram is not differentiable; use centered_gaussian_gram")
+    sq_norms = (flat * flat).sum(dim=1)
+    dist = torch.addmm(sq_norms[:, None] + sq_norms[None, :], flat, flat.T, alpha=-2.0)
+    dist.clamp_min_(0.0).diagonal().zero_()
+    # The scale multiplies afterwards, not through addmm's alpha: alpha must fit in the dtype,
+    # and a tiny sigma's scale need not (the non-finite watch then reports the NaN kernel).
+    return dist.mul_(-_exponent_scale(flat.shape[1], sigma)).exp_()
+
+
+def center(gram: torch.Tensor) -> torch.Tensor:
+    """``H K H`` without building ``H``: subtract row and column means, add back the grand mean."""
+    row_means = gram.mean(dim=1, keepdim=True)
+    col_means = gram.mean(dim=0, keepdim=True)
+    return (gram - row_means).sub_(col_means).add_(row_means.mean())
+
+
+class CenteredGaussianGram(torch.autograd.Function):
+    """``Kc = H K H`` of :func:`gaussian_gram`, with a backward of one matmul.
+
+    With ``G`` the incoming gradient, ``S = (H G H) * K * (-1 / (2 sigma^2 d))`` is the gradient
+    with respect to the squared distances, and ``d/dF = 2 (diag((S + S^T) 1) F - (S + S^T) F)``.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, sigma: float) -> torch.Tensor:
+        flat = features.flatten(1)
+        gram = gaussian_gram(flat, sigma)
+        ctx.save_for_backward(flat, gram)
+        ctx.scale = -_exponent_scale(flat.shape[1], sigma)
+        ctx.shape = features.shape
+        return center(gram)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_centered: torch.Tensor):
+        flat, gram = ctx.saved_tensors
+        dist_grad = center(grad_centered).mul_(gram)  # H is its own adjoint; then through exp
+        dist_grad += dist_grad.T.clone()  # both (i, j) and (j, i) depend on rows i and j
+        row_sums = dist_grad.sum(dim=1, keepdim=True)
+        grad = torch.addmm(row_sums * flat, dist_grad, flat, alpha=-1.0).mul_(2.0 * ctx.scale)
+        return grad.view(ctx.shape), None
+
+
+def centered_gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``H K H`` of the Gaussian kernel of ``features``, differentiable through :class:`CenteredGaussianGram`."""
+    if features.requires_grad:
+        return CenteredGaussianGram.apply(features, sigma)
+    return center(gaussian_gram(features, sigma))
+
+
+def ridge_inverse(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
+    """``M^-1 = (Kc + eps m I)^-1`` from a Cholesky factor, and the ridge ``eps m``.
+
+    Why an inverse although solves are the usual advice: ``M`` is symmetric positive definite
+    with condition number at most ``1 + max eig(Kc) / ridge``, so inverting through its Cholesky
+    factor loses nothing over solving with it; and on the CPU ``cholesky_inverse`` costs a
+    third of a ``cholesky_solve`` with ``m`` right-hand sides, while the backward needs
+    ``M^-1 G M^-1``, two plain matmuls once ``M^-1`` exists.
+    """
+    ridge = eps * centered.shape[0]
+    regularised = centered.clone()
+    regularised.diagonal().add_(ridge)
+    factor, info = torch.linalg.cholesky_ex(regularised)
+    if int(info) != 0:  # only reached with NaN/Inf features; a PSD Kc plus a ridge is positive definite
+        raise FloatingPointError("nHSIC: the regularised kernel is not positive definite (non-finite features?)")
+    inverse = torch.cholesky_inverse(factor)
+    # LAPACK hands back column-major storage; the matrix is symmetric, so its transpose is the
+    # same matrix in row-major order, which flat views (the dot products below) need.
+    return (inverse if inverse.is_contiguous() else inverse.mT), ridge
+
+
+def cca_operator(centered: torch.Tensor, eps: float) -> torch.Tensor:
+    """``R = Kc (Kc + eps m I)^-1``, computed as ``I - eps m (Kc + eps m I)^-1``."""
+    inverse, ridge = ridge_inverse(centered, eps)
+    operator = inverse.mul_(-ridge)
+    operator.diagonal().add_(1.0)
+    return operator
+
+
+def label_cca_operator(onehot: torch.Tensor, sigma: float, eps: float) -> torch.Tensor:
+    """``R_y`` for one-hot labels (m, C) in ``O(m^2 C)``, with no ``m x m`` factorisation.
+
+    Two one-hot rows are equal or at squared distance 2, so the label Gram is
+    ``K = a 11^T + (1 - a) Y Y^T`` with ``a = exp(-1 / (sigma^2 C))``, and its centred form is
+    ``Kc = U U^T`` with ``U = sqrt(1 - a) (Y - mean(Y))``. By the push-through identity
+    ``R = Kc (Kc + lam I)^-1 = U (U^T U + lam I)^-1 U^T``: a ``C x C`` solve.
+    """
+    m, classes = onehot.shape
+    off_class = math.exp(-1.0 / (sigma * sigma * classes))
+    factors = (onehot - onehot.mean(dim=0, keepdim=True)) * math.sqrt(1.0 - off_class)
+    inner = factors.T @ factors
+    inner.diagonal().add_(eps * m)
+    return factors @ torch.linalg.solve(inner, factors.T)
+
+
+class CCAStatistic(torch.autograd.Function):
+    """``(tr(Rz Rx), tr(Rz Ry))`` from ``Kc_z``, with the closed-form gradient.
+
+    Writing ``M = Kc_z + lam I`` with ``lam = eps m``, ``Rz = I - lam M^-1``, so
+    ``tr(Rz R) = tr(R) - lam tr(M^-1 R)`` and ``d tr(Rz R) / d Kc_z = lam M^-1 R M^-1``: one
+    Cholesky-based inverse serves the forward and the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, centered_z: torch.Tensor, r_x: torch.Tensor, r_y: torch.Tensor, eps: float) -> torch.Tensor:
+        inverse, ridge = ridge_inverse(centered_z, eps)
+        # tr(A B) = <A, B> for symmetric matrices: a dot product, no m x m temporary.
+        stats = torch.stack((
+            torch.diagonal(r_x).sum() - ridge * torch.dot(inverse.view(-1), r_x.reshape(-1)),
+            torch.diagonal(r_y).sum() - ridge * torch.dot(inverse.view(-1), r_y.reshape(-1)),
+        ))
+        ctx.save_for_backward(inverse, r_x, r_y)
+        ctx.ridge = ridge
+        return stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_stats: torch.Tensor):
+        inverse, r_x, r_y = ctx.saved_tensors
+        weights = grad_stats * ctx.ridge
+        weighted = torch.addcmul(r_x * weights[0], r_y, weights[1])
+        return inverse @ weighted @ inverse, None, None, None
