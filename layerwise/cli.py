@@ -66,7 +66,7 @@ def train(
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue a run folder from its last complete epoch (optimizers, random state and "
-                         "data order included): 'layerwise train --resume [RUN_DIR]'.")] = False,
+                         "data order included): 'layerwise train --resume [RUN_DIR] [--nproc N]'.")] = False,
     runs_dir: RunsOpt = Path("runs"),
     data_root: DataRootOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
@@ -82,28 +82,31 @@ def train(
     from layerwise.recipe import load_recipe
     from layerwise.runs import resolve_run
     from layerwise.shipped import resolve_recipe_path
-    from layerwise.train_run import resume_run, train_recipe
+    from layerwise.train_run import resume_run, run_folder_to_resume, train_recipe
 
-    if resume and (nproc is not None or launched_world_size() > 1):
-        raise LayerwiseError("--resume with --nproc/torchrun is not supported yet; resume the run in one "
-                             "process: layerwise train --resume [RUN_DIR]")
+    if resume and overrides:
+        raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "
+                             f"continues the recipe it started with; start a new run to change it")
     if nproc is not None:
         if nproc < 1:
             raise LayerwiseError(f"--nproc: expected a number of processes >= 1, found {nproc}")
         if launched_world_size() > 1:
             raise LayerwiseError("--nproc inside torchrun would start processes within each process; "
                                  "give one of them only")
-        if recipe is None:
+        if resume:  # the run resolved once here, so that every worker continues the same one
+            run = run_folder_to_resume(resolve_run(recipe, runs_dir))
+            target, parsed = [str(run), "--resume"], load_recipe(run / "recipe.yaml")
+        elif recipe is None:
             raise LayerwiseError("train --nproc: give a recipe file or shipped recipe name")
+        else:
+            target = [recipe, *(overrides or [])]
+            parsed = load_recipe(resolve_recipe_path(recipe), overrides or [])
         # Checked here, once, so a mistake is one line instead of one failure per worker.
-        check_batch_divides(load_recipe(resolve_recipe_path(recipe), overrides or []).data.batch_size, nproc)
+        check_batch_divides(parsed.data.batch_size, nproc)
         options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
-        code = launch(nproc, ["train", recipe, *(overrides or []), *options, *(["--no-progress"] if no_progress else [])])
+        code = launch(nproc, ["train", *target, *options, *(["--no-progress"] if no_progress else [])])
         raise typer.Exit(code)
     if resume:
-        if overrides:
-            raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "
-                                 f"continues the recipe it started with; start a new run to change it")
         resume_run(resolve_run(recipe, runs_dir), data_root, show_progress=not no_progress)
         return
     if recipe is None:

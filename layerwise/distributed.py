@@ -140,6 +140,11 @@ class Group:
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
+    def generator_states(self) -> list[torch.Tensor]:
+        """Every rank's torch generator state, in rank order, on every rank (for the resume state)."""
+        states = gather(torch.get_rng_state().to(self.device), self.world).cpu()
+        return list(states.view(self.world, -1).unbind())
+
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers (seeding already should; this makes sure)."""

@@ -5,7 +5,9 @@ atomically at the end of every epoch. Its tensors are
 
 - ``model/<name>``: the weights and buffers;
 - ``optim/<i>/<param index>/<key>``: the tensor state of optimizer ``i`` (Adam's moments and step);
-- ``rng/torch`` and ``rng/cuda/<device>``: the random generators' states;
+- ``rng/torch`` and ``rng/cuda/<device>``: the random generators' states; with several
+  processes, ``rng/torch`` is rank 0's and ``rng/torch/rank<r>`` rank r's (each rank draws its
+  own dropout masks);
 
 and its string metadata holds the epoch, the recipe, the epoch's metrics record and, as JSON,
 each optimizer's ``param_groups`` and non-tensor state, plus a checksum of it all.
@@ -48,8 +50,13 @@ def save_state(
     recipe: Recipe,
     epoch: int,
     record: dict,
+    rank_generators: list[torch.Tensor] | None = None,
 ) -> None:
-    """Write the resume state after ``epoch`` (whose metrics are ``record``) atomically to ``path``."""
+    """Write the resume state after ``epoch`` (whose metrics are ``record``) atomically to ``path``.
+
+    ``rank_generators``: with several processes, every rank's torch generator state in rank
+    order (:meth:`~layerwise.distributed.Group.generator_states`); None saves this process's.
+    """
     tensors = {f"model/{name}": t.detach().contiguous().cpu() for name, t in graph.state_dict().items()}
     optim_meta = []
     for index, (name, optimizer) in enumerate(optimizers.items()):
@@ -64,13 +71,17 @@ def save_state(
                 else:
                     state.setdefault(str(param), {})[key] = {"value": value}
         optim_meta.append({"name": name, "param_groups": saved["param_groups"], "state": state})
-    tensors["rng/torch"] = torch.get_rng_state()
+    generators = rank_generators if rank_generators is not None else [torch.get_rng_state()]
+    tensors["rng/torch"] = generators[0]
+    for rank, generator in enumerate(generators[1:], start=1):
+        tensors[f"rng/torch/rank{rank}"] = generator
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for device, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{device}"] = rng
     metadata = {
         "format": FORMAT,
         "epoch": str(epoch),
+        "processes": str(len(generators)),
         "layerwise.recipe": json.dumps(recipe.to_dict()),
         "record": json.dumps(record),
         "optimizers": json.dumps(optim_meta),
@@ -90,6 +101,7 @@ class ResumeState:
     record: dict
     optimizers: list[dict]
     tensors: dict[str, torch.Tensor]
+    processes: int = 1  # how many processes trained the run when it was saved
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The graph's state dict as saved."""
@@ -112,11 +124,15 @@ def load_state(path: str | Path) -> ResumeState:
         raise CheckpointError(f"{path}: its metadata is incomplete or not valid JSON ({exc})") from None
     if "rng/torch" not in tensors:
         raise CheckpointError(f"{path}: has no random generator state (rng/torch)")
-    return ResumeState(path, epoch, recipe, record, optimizers, tensors)
+    return ResumeState(path, epoch, recipe, record, optimizers, tensors, int(metadata.get("processes", "1")))
 
 
-def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-    """Load weights, optimizer states and random generators from ``state``, or say what does not fit."""
+def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.optim.Optimizer], rank: int = 0) -> bool:
+    """Load weights, optimizer states and random generators from ``state``, or say what does not fit.
+
+    ``rank`` picks the process's own torch generator. Returns False when the state holds none for
+    this rank (the run was saved by fewer processes); the generator is then left as it was.
+    """
     load_weights(graph, state.weights(), state.path)
     saved_names = [entry.get("name") for entry in state.optimizers]
     if saved_names != list(optimizers):
@@ -126,8 +142,11 @@ def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.
             optimizer.load_state_dict(optimizer_state_dict(entry, state.tensors, optimizer))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{state.path}: optimizer '{entry['name']}' does not fit the recipe: {exc}") from None
+    generator = state.tensors.get("rng/torch" if rank == 0 else f"rng/torch/rank{rank}")
+    if generator is None:
+        return False
     try:
-        torch.set_rng_state(state.tensors["rng/torch"])
+        torch.set_rng_state(generator)
     except (RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{state.path}: unusable random generator state: {exc}") from None
     cuda = []
@@ -137,6 +156,7 @@ def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.
     # other hardware continues correctly but not bit-identically.
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
         torch.cuda.set_rng_state_all(cuda)
+    return True
 
 
 def optimizer_state_dict(entry: dict, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:

@@ -82,43 +82,67 @@ def resume_run(
     data_root: str | Path | None = None,
     show_progress: bool = True,
     quiet: bool = False,
-) -> Path:
+) -> Path | None:
     """Continue the run in ``run_dir`` from its last complete epoch, in the same folder.
 
     Weights, optimizer states, random generators and the epoch come from the resume state, so
-    on the same machine the finished run is bit-identical to one that was never interrupted.
-    A run stopped before its first epoch ended starts again from epoch 1.
+    on the same machine, with as many processes, the finished run is bit-identical to one that
+    was never interrupted. A run stopped before its first epoch ended starts again from epoch 1.
+
+    Launched by torchrun, every rank reads the state and trains its share; rank 0 alone writes
+    and returns the folder, the others return None. The process count may differ from the
+    interrupted run's; ranks the state has no generator for reseed theirs (dropout masks differ).
     """
+    run = run_folder_to_resume(run_dir)
+    recipe = load_recipe(run / "recipe.yaml")
+    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group:
+        state = load_run_state(run, recipe)
+        rank = 0 if group is None else group.rank
+        if rank == 0:
+            check_writable(run)
+        session = prepare(recipe, data_root, group)
+        if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank):
+            torch.manual_seed(recipe.seed + rank + 1_000_003 * state.epoch)  # a stream no other rank uses
+        if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
+            return run_epochs(session, None, None, [state.record] if state is not None else [], False, True)
+        remove_stale_temporaries(run)  # left by writes that a kill cut short
+        log = MetricsLog(run / METRICS_FILE)
+        history: list[dict] = []
+        if state is not None:
+            history = [r for r in read_metrics(run / METRICS_FILE) if r["epoch"] < state.epoch] + [state.record]
+            # The state is written first at each epoch's end: bring the other files up to it.
+            save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
+        log.replace(history)
+        if not quiet:
+            stderr.print(f"[bold]{recipe.name}[/]: {resume_note(run, recipe, state, group)}")
+        return run_epochs(session, run, log, history, show_progress, quiet)
+
+
+def run_folder_to_resume(run_dir: str | Path) -> Path:
+    """The run folder ``run_dir`` names (``runs/latest`` resolved), or a clear error if it is none."""
     run = Path(run_dir)
     if run.is_symlink():  # runs/latest: name the run itself, so the printed resume command stays valid
         run = run.parent / os.readlink(run)
-    recipe_path = run / "recipe.yaml"
-    if not recipe_path.is_file():
+    if not (run / "recipe.yaml").is_file():
         raise CheckpointError(f"{run}: not a run folder (it has no recipe.yaml); --resume takes a folder "
                               f"such as runs/latest or runs/<recipe>-<time>")
-    recipe = load_recipe(recipe_path)
-    state = load_run_state(run, recipe)
-    check_writable(run)
-    session = prepare(recipe, data_root)
-    remove_stale_temporaries(run)  # left by writes that a kill cut short
-    log = MetricsLog(run / METRICS_FILE)
-    history: list[dict] = []
-    if state is not None:
-        restore_state(state, session.graph, session.trainer.optimizers())
-        history = [r for r in read_metrics(run / METRICS_FILE) if r["epoch"] < state.epoch] + [state.record]
-        # The state is written first at each epoch's end: bring the other files up to it.
-        save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
-    log.replace(history)
+    return run
+
+
+def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Group | None) -> str:
+    """The line a resume prints: from where, and in how many processes."""
     done = state.epoch if state is not None else 0
     if done >= recipe.train.epochs:
-        note = f"{run} has all {recipe.train.epochs} epochs; nothing to resume"
-    elif state is None:
-        note = f"resuming {run} from epoch 1 (no epoch had completed)"
-    else:
-        note = f"resuming {run} after epoch {done} of {recipe.train.epochs}"
-    if not quiet:
-        stderr.print(f"[bold]{recipe.name}[/]: {note}")
-    return run_epochs(session, run, log, history, show_progress, quiet)
+        return f"{run} has all {recipe.train.epochs} epochs; nothing to resume"
+    processes = 1 if group is None else group.world
+    where = f" in {processes} processes" if processes > 1 else ""
+    if state is None:
+        return f"resuming {run} from epoch 1{where} (no epoch had completed)"
+    note = f"resuming {run} after epoch {done} of {recipe.train.epochs}{where}"
+    if state.processes != processes:
+        note += (f"; it was saved by {state.processes} process(es), so the batches' split and any dropout masks "
+                 f"differ from an uninterrupted run")
+    return note
 
 
 def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:
@@ -230,6 +254,8 @@ def run_epochs(
                                               epoch=epoch, should_stop=should_stop)
                 train_seconds = time.perf_counter() - started
                 bars.remove_task(batches)
+                # A collective, so every rank takes part; rank 0 saves them all.
+                generators = session.group.generator_states() if session.group is not None else None
                 if not session.is_main:
                     if epoch < recipe.train.epochs and stop_requested():
                         raise TrainingInterrupted(f"stopped after epoch {epoch}")
@@ -242,7 +268,7 @@ def run_epochs(
                 if session.val_stream is not None:
                     record["val_acc"] = evaluate(graph, session.val_stream)["acc"]
                 # The resume state is the commit point, so it goes first (see layerwise.resume).
-                save_state(run / STATE_FILE, graph, trainer.optimizers(), recipe, epoch, record)
+                save_state(run / STATE_FILE, graph, trainer.optimizers(), recipe, epoch, record, generators)
                 saved = epoch
                 save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
                 log.append(record)
@@ -255,9 +281,9 @@ def run_epochs(
                 if epoch < recipe.train.epochs and stop_requested():
                     raise TrainingInterrupted(f"stopped after epoch {epoch}")
     except (KeyboardInterrupt, TrainingInterrupted):  # a second Ctrl-C, or the first at a batch boundary
-        raise TrainingInterrupted(interrupted_message(run, epoch, saved)) from None
+        raise TrainingInterrupted(interrupted_message(run, epoch, saved, session.group)) from None
     except LayerwiseError as exc:
-        exc.args = (f"{exc}. {kept_message(run, saved, isinstance(exc, NonFiniteError))}",)
+        exc.args = (f"{exc}. {kept_message(run, saved, isinstance(exc, NonFiniteError), session.group)}",)
         raise
     if not quiet:
         stdout.print(epoch_table(history))
@@ -265,9 +291,15 @@ def run_epochs(
     return run
 
 
-def interrupted_message(run: Path, epoch: int, saved: int) -> str:
+def resume_command(run: Path, group: Group | None) -> str:
+    """The command that continues ``run``, in as many processes as it had."""
+    processes = f" --nproc {group.world}" if group is not None else ""
+    return f"layerwise train --resume {run}{processes}"
+
+
+def interrupted_message(run: Path, epoch: int, saved: int, group: Group | None = None) -> str:
     """What Ctrl-C left on disk, and the command that continues."""
-    command = f"layerwise train --resume {run}"
+    command = resume_command(run, group)
     if saved == epoch and saved:
         return f"stopped after epoch {saved}, which is saved in {run}. Resume with: {command}"
     if saved:
@@ -276,11 +308,11 @@ def interrupted_message(run: Path, epoch: int, saved: int) -> str:
     return f"stopped during epoch 1, before any epoch was saved. Resume with: {command} (it starts from epoch 1)"
 
 
-def kept_message(run: Path, saved: int, nonfinite: bool) -> str:
+def kept_message(run: Path, saved: int, nonfinite: bool, group: Group | None = None) -> str:
     """What a failed run kept, and what to do next."""
     if not saved:
         return f"No epoch had completed, so {run} holds no checkpoint"
     if nonfinite:
         return (f"The last good checkpoint (epoch {saved}) is kept in {run}; to skip such batches instead, "
                 f"set train.on_nonfinite=skip in a new run")
-    return f"The last complete epoch ({saved}) is kept in {run}; fix the cause, then: layerwise train --resume {run}"
+    return f"The last complete epoch ({saved}) is kept in {run}; fix the cause, then: {resume_command(run, group)}"

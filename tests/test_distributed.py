@@ -9,12 +9,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,7 +264,117 @@ def test_nproc_refuses_a_batch_that_does_not_split(tmp_path, cli, monkeypatch):
     assert FakePopen.commands == [], "nothing is launched"
 
 
-def test_resume_with_nproc_is_refused(cli):
-    result = cli("train", "--resume", "--nproc", "2")
+def test_resume_with_nproc_launches_torchrun_on_the_resolved_run(tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakePopen)
+    FakePopen.commands.clear()
+    run = tmp_path / "runs" / "tiny-1"
+    run.mkdir(parents=True)
+    (run / "recipe.yaml").write_text(open(write_recipe(tmp_path)).read())
+    (tmp_path / "runs" / "latest").symlink_to("tiny-1")
+    result = cli("train", "--resume", "--nproc", "2", "--runs-dir", str(tmp_path / "runs"))
+    assert result.code == 7
+    # runs/latest is resolved before the launch, so every worker continues the same run
+    assert FakePopen.commands == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node", "2", "-m", "layerwise", "train", str(run), "--resume",
+                                   "--runs-dir", str(tmp_path / "runs")]]
+
+
+def test_resume_with_nproc_checks_the_folder_before_launching(tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakePopen)
+    FakePopen.commands.clear()
+    result = cli("train", "--resume", str(tmp_path), "--nproc", "2")
     assert result.code == 2
-    assert "--resume with --nproc/torchrun is not supported yet" in result.err
+    assert f"{tmp_path}: not a run folder (it has no recipe.yaml)" in result.err
+    assert FakePopen.commands == []
+
+
+def test_resume_refuses_overrides_with_nproc_too(tmp_path, cli):
+    result = cli("train", "--resume", str(tmp_path), "train.epochs=3", "--nproc", "2")
+    assert result.code == 2
+    assert "--resume takes no overrides (found train.epochs=3)" in result.err
+
+
+# --------------------------------------------------------------------------- resume in several processes
+
+
+def dropout_recipe(folder) -> str:
+    """The tiny recipe with dropout, so each rank's random generator matters, and epochs of 64
+    two-process steps: long enough that a kill shortly after epoch 1 is saved lands in epoch 2."""
+    recipe = tiny_recipe(train_limit=4096)
+    recipe["model"]["subnetworks"][0]["blocks"].append({"name": "drop", "layer": "dropout", "p": 0.3})
+    recipe["train"]["epochs"] = 3
+    path = folder / "dropout.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def train_in_2(*args: str, cwd) -> subprocess.Popen:
+    """``layerwise train ARGS --nproc 2`` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "layerwise", "train", *args, "--nproc", "2", "--no-progress"],
+                            cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from /proc (torchrun puts its workers in sessions of their own,
+    so killing the launcher's process group would not reach them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants as at one instant: frozen first, so none runs on."""
+    tree = process_tree(pid)
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for member in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, sig)
+
+
+def test_sigkill_then_resume_in_2_processes_is_bit_identical(tmp_path, mnist_available):
+    from tests.test_reliability import assert_same_tensors, epochs_in_metrics, wait_for
+
+    from layerwise.resume import STATE_FILE, load_state
+
+    recipe = dropout_recipe(tmp_path)
+    reference = train_in_2(recipe, "--runs-dir", "reference", cwd=tmp_path)
+    _, err = reference.communicate(timeout=180)
+    assert reference.returncode == 0, err[-3000:]
+    done = (tmp_path / "reference" / "latest").resolve()
+
+    victim = train_in_2(recipe, "--runs-dir", "runs", cwd=tmp_path)
+    wait_for(tmp_path / "runs" / "latest" / STATE_FILE, victim, timeout=120)
+    time.sleep(0.2)  # into epoch 2
+    kill_tree(victim.pid)  # the launcher, torchrun and both workers
+    victim.wait()
+    run = (tmp_path / "runs" / "latest").resolve()
+    assert load_state(run / STATE_FILE).epoch == 1, "the kill must land before epoch 2 is saved"
+    assert load_state(run / STATE_FILE).processes == 2
+    elsewhere = tmp_path / "copy" / run.name
+    shutil.copytree(run, elsewhere)
+
+    resumed = train_in_2("--resume", str(run), cwd=tmp_path)
+    _, err = resumed.communicate(timeout=180)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming {run} after epoch 1 of 3 in 2 processes" in " ".join(err.split())
+    # Weights, optimizer moments and both ranks' generators: all bit-identical to the uninterrupted run.
+    assert_same_tensors(run / "model.safetensors", done / "model.safetensors")
+    assert_same_tensors(run / STATE_FILE, done / STATE_FILE)
+    assert epochs_in_metrics(run) == [1, 2, 3]
+
+    # The same state continues in one process too: correct, though not bit-identical.
+    alone = subprocess.run([sys.executable, "-m", "layerwise", "train", "--resume", str(elsewhere), "--no-progress"],
+                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "it was saved by 2 process(es)" in " ".join(alone.stderr.split())
+    assert epochs_in_metrics(elsewhere) == [1, 2, 3]
+    assert load_state(elsewhere / STATE_FILE).processes == 1

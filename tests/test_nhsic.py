@@ -14,11 +14,13 @@ import torch
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.objectives.kernels import (
     CCAStatistic,
+    CKAStatistic,
     cca_operator,
     center,
     centered_gaussian_gram,
     gaussian_gram,
     label_cca_operator,
+    unit_centered_gram,
 )
 from layerwise.objectives.nhsic import NHSIC, NHSICConfig
 from layerwise.schema import Problems, build
@@ -519,3 +521,17 @@ def test_loss_is_computed_in_float32_under_bf16_autocast(normalization):
         autocast = loss()
     assert autocast.dtype == torch.float32
     assert torch.equal(plain, autocast)
+
+
+def test_cka_statistic_gradcheck_through_features():
+    x, y, z = batch(m=6, dx=3, dz=2)
+    yh = torch.nn.functional.one_hot(y, 3).to(F64)
+    u_x, u_y = unit_centered_gram(x, 1.0), unit_centered_gram(yh, 1.0)
+
+    def fn(features):
+        return CKAStatistic.apply(centered_gaussian_gram(features, 1.0), u_x, u_y)
+
+    assert torch.autograd.gradcheck(fn, (z.clone().requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
+    stats = fn(z)
+    rel_close(stats[0], ref_nhsic_cka(z, x, 1.0), rtol=1e-10, atol=1e-12)
+    rel_close(stats[1], ref_nhsic_cka(z, yh, 1.0), rtol=1e-10, atol=1e-12)

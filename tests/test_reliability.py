@@ -401,9 +401,9 @@ def test_full_disk_keeps_the_last_epoch_and_resume_finishes(cli, recipe_file, tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    def disk_full_from_epoch_2(path, graph, optimizers, recipe, epoch, record):
+    def disk_full_from_epoch_2(path, graph, optimizers, recipe, epoch, record, generators):
         disk["full"] = epoch >= 2
-        real_save_state(path, graph, optimizers, recipe, epoch, record)
+        real_save_state(path, graph, optimizers, recipe, epoch, record, generators)
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", fsync)

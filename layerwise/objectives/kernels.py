@@ -11,7 +11,8 @@ batch (docs/performance.md has the profiles). Autograd through the plain express
 differentiates ``F @ F.T`` as two matmuls, one per operand, and keeps each elementwise
 intermediate alive; :class:`CenteredGaussianGram` needs one matmul and one saved ``m x m``
 matrix. :class:`CCAStatistic` replaces differentiation through a Cholesky factorisation by a
-closed form.
+closed form, and :class:`CKAStatistic` the half-dozen elementwise passes of autograd through a
+norm and a division by three.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def center(gram: torch.Tensor) -> torch.Tensor:
     row_means = gram.mean(dim=1, keepdim=True)
     col_means = gram.mean(dim=0, keepdim=True)
     return (gram - row_means).sub_(col_means).add_(row_means.mean())
+
+
+def frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<A, B>_F``: a dot product of flat views, no ``m x m`` temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 class CenteredGaussianGram(torch.autograd.Function):
@@ -144,8 +150,8 @@ class CCAStatistic(torch.autograd.Function):
         inverse, ridge = ridge_inverse(centered_z, eps)
         # tr(A B) = <A, B> for symmetric matrices: a dot product, no m x m temporary.
         stats = torch.stack((
-            torch.diagonal(r_x).sum() - ridge * torch.dot(inverse.view(-1), r_x.reshape(-1)),
-            torch.diagonal(r_y).sum() - ridge * torch.dot(inverse.view(-1), r_y.reshape(-1)),
+            torch.diagonal(r_x).sum() - ridge * frobenius(inverse, r_x),
+            torch.diagonal(r_y).sum() - ridge * frobenius(inverse, r_y),
         ))
         ctx.save_for_backward(inverse, r_x, r_y)
         ctx.ridge = ridge
@@ -158,3 +164,31 @@ class CCAStatistic(torch.autograd.Function):
         weights = grad_stats * ctx.ridge
         weighted = torch.addcmul(r_x * weights[0], r_y, weights[1])
         return inverse @ weighted @ inverse, None, None, None
+
+
+def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Centred Gaussian Gram divided by its Frobenius norm, the building block of CKA."""
+    centered = centered_gaussian_gram(features, sigma)
+    return centered / centered.norm().clamp_min(torch.finfo(centered.dtype).tiny)
+
+
+class CKAStatistic(torch.autograd.Function):
+    """``(<Kc_z, U_x>, <Kc_z, U_y>) / ||Kc_z||`` for unit-norm ``U_x``, ``U_y``: the two CKAs.
+
+    With ``n = ||Kc_z||`` and ``s`` the statistics, ``d s_i / d Kc_z = (U_i - s_i Kc_z / n) / n``.
+    """
+
+    @staticmethod
+    def forward(ctx, centered_z: torch.Tensor, unit_x: torch.Tensor, unit_y: torch.Tensor) -> torch.Tensor:
+        norm = frobenius(centered_z, centered_z).sqrt().clamp_min(torch.finfo(centered_z.dtype).tiny)
+        stats = torch.stack((frobenius(centered_z, unit_x), frobenius(centered_z, unit_y))) / norm
+        ctx.save_for_backward(centered_z, unit_x, unit_y, norm, stats)
+        return stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_stats: torch.Tensor):
+        centered_z, unit_x, unit_y, norm, stats = ctx.saved_tensors
+        weighted = torch.addcmul(unit_x * grad_stats[0], unit_y, grad_stats[1])
+        grad = torch.addcmul(weighted, centered_z, -(grad_stats * stats).sum() / norm).div_(norm)
+        return grad, None, None

@@ -39,7 +39,14 @@ from typing import Literal
 import torch
 
 from layerwise.objectives.base import LossContext, Objective
-from layerwise.objectives.kernels import CCAStatistic, cca_operator, centered_gaussian_gram, label_cca_operator
+from layerwise.objectives.kernels import (
+    CCAStatistic,
+    CKAStatistic,
+    cca_operator,
+    centered_gaussian_gram,
+    label_cca_operator,
+    unit_centered_gram,
+)
 from layerwise.schema import Problems, join
 
 
@@ -73,12 +80,6 @@ class NHSICConfig:
             problems.add(join(path, "eps"), f"must be > 0, found {self.eps}")
         if self.features <= 0:
             problems.add(join(path, "features"), f"must be > 0, found {self.features}")
-
-
-def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Centred Gaussian Gram divided by its Frobenius norm, the building block of CKA."""
-    centered = centered_gaussian_gram(features, sigma)
-    return centered / centered.norm().clamp_min(torch.finfo(centered.dtype).tiny)
 
 
 def fourier_frequencies(width: int, cfg: "NHSICConfig") -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +185,7 @@ class NHSIC(Objective):
             key = ("nhsic-cka", cfg.sigma, dtype)
             u_x = ctx.kernels.get(key + ("x",), lambda: unit_centered_gram(x, cfg.sigma))
             u_y = ctx.kernels.get(key + ("y",), lambda: unit_centered_gram(y, cfg.sigma))
-            u_z = unit_centered_gram(z, cfg.sigma)
-            hsic_zx, hsic_zy = (u_z * u_x).sum(), (u_z * u_y).sum()
+            hsic_zx, hsic_zy = CKAStatistic.apply(centered_gaussian_gram(z, cfg.sigma), u_x, u_y)
         loss = hsic_zx - cfg.beta * hsic_zy
         metrics = {"loss": loss.detach(), "hsic_zx": hsic_zx.detach(), "hsic_zy": hsic_zy.detach()}
         return loss, metrics
