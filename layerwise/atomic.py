@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
 from layerwise.errors import LayerwiseError
+
+
+@functools.cache
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the umask. (mkstemp makes its files
+    0600, which would hide checkpoints from the other users of a shared run folder.)"""
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -17,6 +27,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except OSError as exc:
         raise LayerwiseError(f"cannot write {path}: {exc.strerror}") from None
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -121,3 +122,17 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
     tensors = {name: t.contiguous() for name, t in graph.state_dict().items()}
     save_file(tensors, tmp_path / "model.safetensors", metadata={"layerwise.recipe": json.dumps(recipe.to_dict())})
     assert load_checkpoint(tmp_path).recipe == recipe
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    # mkstemp creates 0600 files; a shared run folder needs its checkpoints readable by the group.
+    from layerwise import atomic
+
+    previous = os.umask(0o027)
+    try:
+        atomic.file_mode.cache_clear()
+        atomic.write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(previous)
+        atomic.file_mode.cache_clear()
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
