@@ -169,7 +169,7 @@ class Trainer:
             try:
                 loss, metrics = block.objective.loss(z_loss, ctx)
             except FloatingPointError:
-                # An objective may detect non-finite values itself (nhsic's Cholesky does): record
+                # An objective may detect non-finite values itself (docs/plugins.md): record
                 # a NaN loss for this block, so the non-finite watch names it like any other.
                 metrics = {"loss": torch.full((), math.nan, device=x.device)}
                 result.objective_failed = True

@@ -1,4 +1,4 @@
-"""Kernel matrices and the ``cca`` statistic behind the nHSIC objective, with fused backwards.
+"""Kernel matrices and the statistics behind the nHSIC objective, with fused backwards.
 
 Kernels are Gaussian with the width scaled by the feature count ``d``:
 ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2 d))``, so one ``sigma`` suits layers of any width.
