@@ -81,11 +81,18 @@ def with_twins(recipes: dict[str, Recipe]) -> tuple[dict[str, Recipe], dict[str,
     return timed, reference
 
 
-def make_trainer(recipe: Recipe, device: torch.device) -> Trainer:
-    """A trainer for an MNIST recipe (28x28 grey input, 10 classes)."""
+def make_trainer(recipe: Recipe, device: torch.device, compile_blocks: bool = False) -> Trainer:
+    """A trainer for an MNIST recipe (28x28 grey input, 10 classes); ``compile_blocks`` wraps
+    every block's layers in ``torch.compile`` (the objectives stay eager)."""
     torch.manual_seed(0)
     graph = Graph(recipe, (1, 28, 28), 10).to(device)
     graph.train()
+    if compile_blocks:
+        # A hybrid's local backward keeps the graph for the global one (retain_graph=True), which
+        # compiled backwards refuse while they donate their buffers.
+        torch._functorch.config.donated_buffer = False
+        for block in graph.blocks.values():
+            block.body = torch.compile(block.body)
     return Trainer(graph, recipe, 10)
 
 
@@ -106,15 +113,18 @@ def time_steps(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -
 
 
 def measure(recipes: dict[str, Recipe], batch: int, rounds: int, steps: int, warmup: int,
-            device: torch.device) -> dict[str, list[float]]:
-    """Per-method lists of ms/step, measured round-robin."""
+            device: torch.device, compile_blocks: bool = False) -> dict[str, list[float]]:
+    """Per-method lists of ms/step, measured round-robin; with ``compile_blocks``, each recipe
+    also as ``NAME compiled``."""
     trainers = {name: make_trainer(recipe, device) for name, recipe in recipes.items()}
+    if compile_blocks:
+        trainers.update({f"{name} compiled": make_trainer(recipe, device, True) for name, recipe in recipes.items()})
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, generator=generator).to(device)
     y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     for trainer in trainers.values():
         time_steps(trainer, x, y, warmup)
-    samples: dict[str, list[float]] = {name: [] for name in recipes}
+    samples: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(rounds):
         for name, trainer in trainers.items():
             samples[name].append(time_steps(trainer, x, y, steps))
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every recipe with its blocks' layers under torch.compile")
     parser.add_argument("--tiny", action="store_true", help="2 rounds of 1 step at batch 32")
     parser.add_argument("--name", default="speed", help="output name under --out")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
@@ -209,10 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     nhsic = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.nhsic)}
     recipes, reference = with_twins({name: load(name, args.override, nhsic) for name in args.recipes})
-    samples = measure(recipes, args.batch, args.rounds, args.steps, args.warmup, device)
+    samples = measure(recipes, args.batch, args.rounds, args.steps, args.warmup, device, args.compile)
+    if args.compile:  # a compiled recipe is compared with the same-widths backprop, compiled too
+        reference.update({f"{name} compiled": f"{ref} compiled" for name, ref in reference.items()})
     results = summarise(samples, args.batch, reference)
-    for name, recipe in recipes.items():
-        floor = nhsic_floor_ms(make_trainer(recipe, device), args.batch, device)
+    for name in samples:
+        floor = nhsic_floor_ms(make_trainer(recipes[name.removesuffix(" compiled")], device), args.batch, device)
         results[name]["nhsic_floor_ms"] = round(floor, 3)
         results[name]["nhsic_floor_vs_same_widths_backprop"] = round(
             floor / results[results[name]["same_widths_backprop"]]["ms_per_batch"], 3)
