@@ -131,16 +131,19 @@ def measure(recipes: dict[str, Recipe], batch: int, rounds: int, steps: int, war
     return samples
 
 
-def median_ms(fn, device: torch.device, repeats: int = 25) -> float:
-    """Median milliseconds of one call of ``fn`` after a warm-up."""
-    times = []
-    for i in range(repeats + 3):
+def median_ms(fn, device: torch.device, repeats: int = 25, budget_s: float = 2.0) -> float:
+    """Median milliseconds of one call of ``fn`` after a warm-up: ``repeats`` calls, or as many
+    as fit in ``budget_s`` seconds (at least 3) when one call is slow (large batches)."""
+    times: list[float] = []
+    for i in range(repeats + 1):
         sync(device)
         started = time.perf_counter()
         fn()
         sync(device)
-        if i >= 3:
+        if i:  # the first call warms up
             times.append(1000 * (time.perf_counter() - started))
+        if len(times) >= 3 and sum(times) > 1000 * budget_s:
+            break
     return statistics.median(times)
 
 

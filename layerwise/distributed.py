@@ -33,10 +33,15 @@ those gradients into the gradient of the mean over the global batch. One flat al
 step carries every trainable gradient (local and global), the global loss and the values the
 non-finite watch reads, so every rank steps, or skips, identically.
 
-What is *not* shared: batch-norm statistics stay per rank (each normalises its own share, and
-rank 0's running statistics are the ones saved), and the kernel work is replicated, since every
-rank builds the same ``m x m`` Gram matrices of the global batch. Data parallelism divides the
-network's forward and backward and the data preparation, not the nHSIC kernels.
+Batch-norm normalises over the global batch too: :func:`use_global_batch_norm` swaps every
+batch-norm layer for a :class:`GlobalBatchNorm`, whose mean and variance are all-reduced sums
+(:class:`AllReduceSum`, whose backward all-reduces the gradient as well), so N processes compute
+the statistics, the outputs, the gradients and the running averages of one process. (PyTorch's
+``SyncBatchNorm`` would do this on GPUs only.)
+
+What is *not* shared: the kernel work is replicated, since every rank builds the same ``m x m``
+Gram matrices of the global batch. Data parallelism divides the network's forward and backward
+and the data preparation, not the nHSIC kernels.
 """
 
 from __future__ import annotations
@@ -88,6 +93,79 @@ class GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_all: torch.Tensor):
         return grad_all.narrow(0, ctx.rank * ctx.rows, ctx.rows), None, None
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum over ranks of ``tensor``, differentiable: the backward sums the gradient over ranks.
+
+    Each rank's loss depends on every rank's share through the sum, so the gradient that reaches
+    this rank's share is the sum of what every rank's loss sends back through the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch-norm over the global batch of a data-parallel step (any input rank: (N, C, ...)).
+
+    Same parameters and buffers as ``nn.BatchNorm1d/2d``, so checkpoints do not change. In
+    training mode, the mean and the (biased) variance per channel are all-reduced sums divided
+    by the global count, taken in two passes (the mean first) for float32 accuracy; the running
+    averages get the unbiased variance, as in PyTorch. Outside training it is plain batch-norm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions, got {input.dim()}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        count = input.numel() // input.shape[1] * dist.get_world_size()  # every rank has an equal share
+        mean = AllReduceSum.apply(input.sum(dims)) / count
+        centered = input - mean.view(shape)
+        var = AllReduceSum.apply(centered.square().sum(dims)) / count
+        output = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            self.update_running_stats(mean.detach(), var.detach() * count / max(count - 1, 1))
+        return output
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """As ``nn.BatchNorm`` does: an exponential average, or a cumulative one with momentum None."""
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(unbiased_var, factor)
+
+
+def use_global_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm1d/2d`` inside ``module`` by a :class:`GlobalBatchNorm` with the
+    same parameters, buffers and settings; return ``module``."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            replacement.train(child.training)
+            like = next(iter([*child.parameters(), *child.buffers()]), None)
+            setattr(module, name, replacement if like is None else replacement.to(like.device, like.dtype))
+        else:
+            use_global_batch_norm(child)
+    return module
 
 
 def gather(tensor: torch.Tensor, world: int) -> torch.Tensor:

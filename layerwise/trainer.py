@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from layerwise.distributed import Group
+from layerwise.distributed import Group, use_global_batch_norm
 from layerwise.errors import LayerwiseError, TrainingInterrupted
 from layerwise.graph import Graph
 from layerwise.nonfinite import Key, NonFiniteWatch
@@ -119,6 +119,8 @@ class Trainer:
                  group: Group | None = None):
         self.graph = graph
         self.group = group  # None: one process
+        if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
+            use_global_batch_norm(graph)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
         self.objective_params = [p for block in graph.local_blocks() for p in block.objective.parameters()]
         self.num_classes = num_classes
