@@ -20,6 +20,7 @@ from layerwise.objectives.kernels import (
     centered_gaussian_gram,
     gaussian_gram,
     label_cca_operator,
+    label_factors,
     unit_centered_gram,
 )
 from layerwise.objectives.nhsic import NHSIC, NHSICConfig
@@ -229,6 +230,15 @@ def test_gaussian_gram_refuses_to_be_differentiated():
     # It builds the kernel in place; silently wrong gradients would be worse than this error.
     with pytest.raises(RuntimeError, match="centered_gaussian_gram"):
         gaussian_gram(torch.randn(4, 2, requires_grad=True), 1.0)
+
+
+def test_label_factors_reproduce_the_centred_label_gram():
+    # Exact, whatever sigma: the rff estimator uses them as the labels' "features".
+    onehot = torch.nn.functional.one_hot(torch.tensor([3, 0, 1, 3, 3, 2, 0]), 5).to(F64)
+    for sigma in (0.5, 5.0):
+        factors = label_factors(onehot, sigma)
+        assert factors.shape == (7, 5)
+        rel_close(factors @ factors.T, ref_center(ref_gram(onehot, sigma)), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 2, 1, 0, 2, 2, 1], [0, 0, 2, 2, 0, 2, 0, 2]], ids=["all", "absent-class"])
@@ -492,7 +502,7 @@ def test_rff_estimator_has_gradients_and_shares_input_features_across_blocks():
     loss, _ = first.loss(z, ctx)
     cached = len(ctx.kernels)
     second.loss(torch.randn(64, 8), ctx)
-    assert len(ctx.kernels) == cached, "the second block reuses the X and Y features"
+    assert len(ctx.kernels) == cached, "the second block reuses the X features and the label factors"
     (grad,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert torch.equal(first.freqs_x, second.freqs_x)

@@ -132,19 +132,24 @@ def cca_operator(centered: torch.Tensor, eps: float) -> torch.Tensor:
     return operator
 
 
-def label_cca_operator(onehot: torch.Tensor, sigma: float, eps: float) -> torch.Tensor:
-    """``R_y`` for one-hot labels (m, C) in ``O(m^2 C)``, with no ``m x m`` factorisation.
+def label_factors(onehot: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``U`` (m, C) with ``U U^T`` exactly the centred label Gram, for one-hot labels (m, C).
 
     Two one-hot rows are equal or at squared distance 2, so the label Gram is
     ``K = a 11^T + (1 - a) Y Y^T`` with ``a = exp(-1 / (sigma^2 C))``, and its centred form is
-    ``Kc = U U^T`` with ``U = sqrt(1 - a) (Y - mean(Y))``. By the push-through identity
-    ``R = Kc (Kc + lam I)^-1 = U (U^T U + lam I)^-1 U^T``: a ``C x C`` solve.
+    ``Kc = U U^T`` with ``U = sqrt(1 - a) (Y - mean(Y))``: rank at most ``C``.
     """
-    m, classes = onehot.shape
-    off_class = math.exp(-1.0 / (sigma * sigma * classes))
-    factors = (onehot - onehot.mean(dim=0, keepdim=True)) * math.sqrt(1.0 - off_class)
+    off_class = math.exp(-1.0 / (sigma * sigma * onehot.shape[1]))
+    return (onehot - onehot.mean(dim=0, keepdim=True)) * math.sqrt(1.0 - off_class)
+
+
+def label_cca_operator(onehot: torch.Tensor, sigma: float, eps: float) -> torch.Tensor:
+    """``R_y`` for one-hot labels (m, C) in ``O(m^2 C)``, with no ``m x m`` factorisation: by the
+    push-through identity ``R = Kc (Kc + lam I)^-1 = U (U^T U + lam I)^-1 U^T`` with ``U`` from
+    :func:`label_factors`, a ``C x C`` solve."""
+    factors = label_factors(onehot, sigma)
     inner = factors.T @ factors
-    inner.diagonal().add_(eps * m)
+    inner.diagonal().add_(eps * onehot.shape[0])
     return factors @ torch.cholesky_solve(factors.T, spd_factor(inner))
 
 

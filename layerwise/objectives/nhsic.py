@@ -27,7 +27,9 @@ the block, so they are computed once per batch and shared through ``ctx.kernels`
 For large batches, ``estimator: rff`` replaces each kernel by ``D`` random Fourier features
 ``Phi`` with ``Kc ~ Phi Phi^T`` (Rahimi and Recht, 2007). Both normalisations then need only
 ``D x D`` matrices: CKA is ``||Pa^T Pb||_F^2 / (||Pa^T Pa||_F ||Pb^T Pb||_F)``, and by the
-push-through identity ``R = Phi (Phi^T Phi + eps m I)^-1 Phi^T``.
+push-through identity ``R = Phi (Phi^T Phi + eps m I)^-1 Phi^T``. The labels need no random
+features: their centred kernel is exactly ``U U^T`` with ``C`` columns
+(:func:`~layerwise.objectives.kernels.label_factors`), so the label term is exact and cheap.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from layerwise.objectives.kernels import (
     cca_operator,
     centered_gaussian_gram,
     label_cca_operator,
+    label_factors,
     spd_factor,
     unit_centered_gram,
 )
@@ -69,7 +72,7 @@ class NHSICConfig:
     estimator: Literal["exact", "rff"] = "exact"
     # Number D of random Fourier features per kernel (rff only); the error shrinks like 1/sqrt(D).
     features: int = 512
-    # Seed of the random frequencies; every block shares it, so the X and Y features agree.
+    # Seed of the random frequencies; every block shares it, so the X features agree.
     feature_seed: int = 0
 
     def __post_build__(self, path: str, problems: Problems) -> None:
@@ -88,7 +91,7 @@ def fourier_frequencies(width: int, cfg: "NHSICConfig") -> tuple[torch.Tensor, t
 
     By Bochner's theorem ``exp(-||a - b||^2 / (2 s^2))`` is the expectation of
     ``2 cos(w.a + u) cos(w.b + u)`` for ``w ~ N(0, I / s^2)``, ``u ~ U[0, 2 pi)``; here
-    ``s^2 = sigma^2 d``. Seeded by width, so every block draws the same features for X and Y.
+    ``s^2 = sigma^2 d``. Seeded by width, so every block draws the same features for X.
     """
     generator = torch.Generator().manual_seed(cfg.feature_seed * 1_000_003 + width)
     freqs = torch.randn(width, cfg.features, generator=generator) / (cfg.sigma * math.sqrt(width))
@@ -135,7 +138,8 @@ class NHSIC(Objective):
         if config.estimator == "rff":
             # Buffers, so the frequencies follow the model to its device once; not saved in
             # checkpoints (persistent=False) since the seed regenerates them exactly.
-            widths = {"z": math.prod(info.out_shape), "x": math.prod(info.input_shape), "y": info.num_classes}
+            # (The labels need none: their kernel is exactly U U^T with C columns, label_factors.)
+            widths = {"z": math.prod(info.out_shape), "x": math.prod(info.input_shape)}
             for name, width in widths.items():
                 freqs, phases = fourier_frequencies(width, config)
                 self.register_buffer(f"freqs_{name}", freqs, persistent=False)
@@ -146,7 +150,7 @@ class NHSIC(Objective):
         cfg: NHSICConfig = self.config
         key = ("nhsic-rff", cfg.sigma, cfg.features, cfg.feature_seed, z.dtype)
         phi_x = ctx.kernels.get(key + ("x",), lambda: centered_features(x, self.freqs_x.to(x.dtype), self.phases_x.to(x.dtype)))
-        phi_y = ctx.kernels.get(key + ("y",), lambda: centered_features(y, self.freqs_y.to(y.dtype), self.phases_y.to(y.dtype)))
+        phi_y = ctx.kernels.get(key + ("y",), lambda: label_factors(y, cfg.sigma))
         phi_z = centered_features(z, self.freqs_z.to(z.dtype), self.phases_z.to(z.dtype))
         if cfg.normalization == "cka":
             return feature_cka(phi_z, phi_x), feature_cka(phi_z, phi_y)
