@@ -25,7 +25,8 @@ def progress_bar(enabled: bool = True) -> Progress:
 
 
 # Column titles for metric keys that deserve a better one than the key itself.
-METRIC_TITLES = {"loss": "local loss", "acc": "local acc", "hsic_zx": "nHSIC(Z,X)", "hsic_zy": "nHSIC(Z,Y)"}
+# Spaces let a narrow terminal (or an 80-column pipe) wrap a title instead of cutting it off.
+METRIC_TITLES = {"loss": "local loss", "acc": "local acc", "hsic_zx": "nHSIC (Z,X)", "hsic_zy": "nHSIC (Z,Y)"}
 
 
 def metric_keys(history: list[dict]) -> list[str]:

@@ -20,9 +20,20 @@ def test_each_metric_any_objective_reports_gets_a_column():
     console = Console(width=200, record=True)
     console.print(epoch_table(history))
     text = console.export_text()
-    for title in ("local loss", "nHSIC(Z,X)", "nHSIC(Z,Y)", "local acc", "sim"):
+    for title in ("local loss", "nHSIC (Z,X)", "nHSIC (Z,Y)", "local acc", "sim"):
         assert title in text
     assert "0.8" in text and "0.04" in text
+
+
+def test_the_table_fits_an_80_column_pipe_without_cutting_titles():
+    history = [record(epoch, {"hsic1": {"loss": -728.1, "hsic_zx": 55.6, "hsic_zy": 7.837},
+                              "hsic2": {"loss": -767.9, "hsic_zx": 28.38, "hsic_zy": 7.963}}) for epoch in (1, 10)]
+    console = Console(width=80, record=True)
+    console.print(epoch_table(history))
+    text = console.export_text()
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "-728.1" in text and "7.963" in text
 
 
 def test_a_network_without_local_blocks_still_has_a_table():
