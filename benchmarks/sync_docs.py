@@ -65,7 +65,10 @@ def summary() -> str | None:
         lines += ["", f"`make train` trains the same recipe as the first of these jobs (`recipes/mnist_hybrid.yaml`, seed 0, "
                       f"{first['epochs']} epochs): it reached **{100 * first['test_acc']:.2f}%** test accuracy, with "
                       f"{first['train_seconds']:.0f} s of training ({first['wall_seconds']:.0f} s in all, evaluation "
-                      f"included) on one thread of the machine above."]
+                      f"included) on one thread of the machine above. With another thread count the sums "
+                      f"round differently, and the papers' nHSIC ridge makes training sensitive to rounding "
+                      f"(docs/distributed.md): expect a figure near this one, not the same digits (`make "
+                      f"train` with its default 2 threads on the same machine, seed 0: 97.71%)."]
     return "\n".join(lines) + "\n"
 
 
