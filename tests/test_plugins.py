@@ -14,7 +14,6 @@ import json
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pytest
 import torch

@@ -185,7 +185,7 @@ def test_sigint_stops_saves_and_prints_the_resume_command(tmp_path, reference):
     assert code == 130, err
     assert "Traceback" not in err
     message = " ".join(err.split())
-    assert message.startswith("tiny:") and f"interrupted: stopped" in message, message
+    assert message.startswith("tiny:") and "interrupted: stopped" in message, message
     assert f"Resume with: layerwise train --resume {run}" in message, message
     saved = load_state(run / STATE_FILE).epoch
     assert saved in (1, 2), saved
