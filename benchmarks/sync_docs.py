@@ -67,8 +67,7 @@ def summary() -> str | None:
                       f"{first['train_seconds']:.0f} s of training ({first['wall_seconds']:.0f} s in all, evaluation "
                       f"included) on one thread of the machine above. With another thread count the sums "
                       f"round differently, and the papers' nHSIC ridge makes training sensitive to rounding "
-                      f"(docs/distributed.md): expect a figure near this one, not the same digits (`make "
-                      f"train` with its default 2 threads on the same machine, seed 0: 97.71%)."]
+                      f"(docs/distributed.md): expect a figure near this one, not the same digits."]
     return "\n".join(lines) + "\n"
 
 

@@ -81,7 +81,6 @@ def save_state(
     metadata = {
         "format": FORMAT,
         "epoch": str(epoch),
-        "processes": str(len(generators)),
         "layerwise.recipe": json.dumps(recipe.to_dict()),
         "record": json.dumps(record),
         "optimizers": json.dumps(optim_meta),
@@ -101,7 +100,11 @@ class ResumeState:
     record: dict
     optimizers: list[dict]
     tensors: dict[str, torch.Tensor]
-    processes: int = 1  # how many processes trained the run when it was saved
+
+    @property
+    def processes(self) -> int:
+        """How many processes trained the run when it was saved: one generator each."""
+        return 1 + sum(key.startswith("rng/torch/rank") for key in self.tensors)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The graph's state dict as saved."""
@@ -124,7 +127,7 @@ def load_state(path: str | Path) -> ResumeState:
         raise CheckpointError(f"{path}: its metadata is incomplete or not valid JSON ({exc})") from None
     if "rng/torch" not in tensors:
         raise CheckpointError(f"{path}: has no random generator state (rng/torch)")
-    return ResumeState(path, epoch, recipe, record, optimizers, tensors, int(metadata.get("processes", "1")))
+    return ResumeState(path, epoch, recipe, record, optimizers, tensors)
 
 
 def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.optim.Optimizer], rank: int = 0) -> bool:

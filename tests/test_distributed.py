@@ -334,8 +334,9 @@ def dropout_recipe(folder) -> str:
 
 def train_in_2(*args: str, cwd) -> subprocess.Popen:
     """``layerwise train ARGS --nproc 2`` in the background."""
-    return subprocess.Popen([sys.executable, "-m", "layerwise", "train", *args, "--nproc", "2", "--no-progress"],
-                            cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from tests.test_reliability import start_layerwise
+
+    return start_layerwise("train", *args, "--nproc", "2", "--no-progress", env=subprocess_env(), cwd=cwd)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -365,7 +366,7 @@ def kill_tree(pid: int) -> None:
 
 
 def test_sigkill_then_resume_in_2_processes_is_bit_identical(tmp_path, mnist_available):
-    from tests.test_reliability import assert_same_tensors, epochs_in_metrics, wait_for
+    from tests.test_reliability import assert_same_tensors, epochs_in_metrics, finish, start_layerwise, wait_for
 
     from layerwise.resume import STATE_FILE, load_state
 
@@ -396,9 +397,9 @@ def test_sigkill_then_resume_in_2_processes_is_bit_identical(tmp_path, mnist_ava
     assert epochs_in_metrics(run) == [1, 2, 3]
 
     # The same state continues in one process too: correct, though not bit-identical.
-    alone = subprocess.run([sys.executable, "-m", "layerwise", "train", "--resume", str(elsewhere), "--no-progress"],
-                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert "it was saved by 2 process(es)" in " ".join(alone.stderr.split())
+    code, _, err = finish(start_layerwise("train", "--resume", str(elsewhere), "--no-progress",
+                                          env=subprocess_env(), cwd=tmp_path), timeout=180)
+    assert code == 0, err[-3000:]
+    assert "it was saved by 2 process(es)" in " ".join(err.split())
     assert epochs_in_metrics(elsewhere) == [1, 2, 3]
     assert load_state(elsewhere / STATE_FILE).processes == 1

@@ -144,26 +144,20 @@ def test_misspelled_hook_is_a_clear_error_naming_plugin_and_hook(fresh_plugins):
     pm.check_pending()  # the manager was left clean
 
 
-def test_an_unguessable_hook_name_lists_the_real_hooks(fresh_plugins):
-    odd = types.SimpleNamespace(frobnicate=hookimpl(lambda registry: None))
-    with pytest.raises(LayerwiseError, match=r"plugin 'odd' implements 'frobnicate', which is not a layerwise hook; "
-                                             r"hooks: layerwise_register_objectives, .*layerwise_register_commands"):
-        with use_plugin(odd, name="odd"):
-            pass
-
-
-def test_hook_with_arguments_its_spec_lacks_is_a_clear_error(fresh_plugins):
-    wrong = types.SimpleNamespace(layerwise_register_objectives=hookimpl(lambda reg: None))
-    with pytest.raises(LayerwiseError, match=r"plugin 'wrong-args': .*\(reg\) asks for arguments that "
-                                             r"layerwise_register_objectives does not pass; it passes: registry"):
-        with use_plugin(wrong, name="wrong-args"):
-            pass
-
-
-def test_a_plugin_without_hookimpl_markers_is_reported(fresh_plugins):
-    unmarked = types.SimpleNamespace(layerwise_register_objectives=lambda registry: None)
-    with pytest.raises(LayerwiseError, match=r"plugin 'unmarked' implements no layerwise hook; decorate .*@hookimpl"):
-        with use_plugin(unmarked, name="unmarked"):
+@pytest.mark.parametrize("name, plugin, expected", [
+    ("odd", types.SimpleNamespace(frobnicate=hookimpl(lambda registry: None)),
+     r"plugin 'odd' implements 'frobnicate', which is not a layerwise hook; "
+     r"hooks: layerwise_register_objectives, .*layerwise_register_commands"),
+    ("wrong-args", types.SimpleNamespace(layerwise_register_objectives=hookimpl(lambda reg: None)),
+     r"plugin 'wrong-args': .*\(reg\) asks for arguments that "
+     r"layerwise_register_objectives does not pass; it passes: registry"),
+    ("unmarked", types.SimpleNamespace(layerwise_register_objectives=lambda registry: None),
+     r"plugin 'unmarked' implements no layerwise hook; decorate .*@hookimpl"),
+], ids=["unguessable-hook-name-lists-the-real-hooks", "hook-with-arguments-its-spec-lacks",
+        "no-hookimpl-markers"])
+def test_a_malformed_plugin_is_a_clear_error(fresh_plugins, name, plugin, expected):
+    with pytest.raises(LayerwiseError, match=expected):
+        with use_plugin(plugin, name=name):
             pass
 
 

@@ -148,13 +148,19 @@ def resume_in_subprocess(run: Path, reference: ReferenceRun) -> None:
 
 
 @pytest.mark.integration
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
+def signal_in_epoch_2(tmp_path: Path, reference: ReferenceRun, sig: signal.Signals) -> tuple[Path, subprocess.Popen]:
+    """Start the reference recipe in a new run folder and send ``sig`` just after epoch 1 is saved."""
     runs = tmp_path / "runs"
     victim = start_layerwise("train", str(reference.recipe), "--runs-dir", str(runs), "--no-progress",
                              env=reference.env, cwd=tmp_path)
     wait_for(runs / "latest" / STATE_FILE, victim)
     time.sleep(0.1)  # into epoch 2
-    victim.send_signal(signal.SIGKILL)
+    victim.send_signal(sig)
+    return runs, victim
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
+    runs, victim = signal_in_epoch_2(tmp_path, reference, signal.SIGKILL)
     victim.wait()
     run = run_folder(runs)
     assert load_state(run / STATE_FILE).epoch == 1, "the kill must land before epoch 2 is saved"
@@ -174,12 +180,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
 
 @pytest.mark.integration
 def test_sigint_stops_saves_and_prints_the_resume_command(tmp_path, reference):
-    runs = tmp_path / "runs"
-    victim = start_layerwise("train", str(reference.recipe), "--runs-dir", str(runs), "--no-progress",
-                             env=reference.env, cwd=tmp_path)
-    wait_for(runs / "latest" / STATE_FILE, victim)
-    time.sleep(0.1)
-    victim.send_signal(signal.SIGINT)
+    runs, victim = signal_in_epoch_2(tmp_path, reference, signal.SIGINT)
     code, _, err = finish(victim)
     run = run_folder(runs)
     assert code == 130, err
