@@ -1,4 +1,8 @@
-"""The recipes shipped in the repository's ``recipes/`` folder: list, find and copy them."""
+"""The recipes shipped inside the package (``layerwise/recipes/``, package data): list, find and copy them.
+
+They travel in the wheel, so shipped names work after a plain ``pip install``; a clone also
+reaches them as ``recipes/`` (a link to this folder).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from layerwise.errors import LayerwiseError
 from layerwise.registry import did_you_mean
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 def shipped_recipes() -> dict[str, Path]:

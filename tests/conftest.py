@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.helpers import SHARED_DATA, CliResult
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +19,6 @@ def mnist_available():
     """Skip unless real MNIST is beside the repository (as in CI: ../shared/data)."""
     if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")
-
-
-class CliResult:
-    """Exit code and captured output of one in-process ``layerwise`` call."""
-
-    def __init__(self, code: int, out: str, err: str):
-        self.code, self.out, self.err = code, out, err
 
 
 @pytest.fixture
@@ -48,24 +38,3 @@ def cli(capsys, monkeypatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
-
-
-def tiny_recipe(**data_overrides) -> dict:
-    """A small hybrid MLP recipe as plain data, for fast tests."""
-    data = {"dataset": "mnist", "batch_size": 64, **data_overrides}
-    return {
-        "name": "tiny",
-        "seed": 0,
-        "data": data,
-        "model": {
-            "subnetworks": [
-                {"name": "sn1", "blocks": [
-                    {"name": "hsic1", "layer": "linear", "out": 32, "act": "relu",
-                     "objective": {"name": "nhsic", "sigma": 5, "beta": 100}},
-                    {"name": "bp1", "layer": "linear", "out": 16, "act": "relu"},
-                ]},
-                {"name": "sn2", "blocks": [{"name": "head", "layer": "linear", "out": 10}]},
-            ]
-        },
-        "train": {"epochs": 1, "device": "cpu"},
-    }

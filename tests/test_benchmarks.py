@@ -7,7 +7,7 @@ import json
 import sys
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from layerwise.checkpoint import load_checkpoint, model_from_checkpoint, save_ch
 from layerwise.errors import CheckpointError, LayerwiseError
 from layerwise.graph import Graph
 from layerwise.recipe import parse_recipe
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 def trained_graph(data=None):

@@ -31,7 +31,7 @@ from layerwise.distributed import Group
 from layerwise.graph import Graph
 from layerwise.recipe import parse_recipe
 from layerwise.trainer import Trainer
-from tests.conftest import REPO, tiny_recipe
+from tests.helpers import REPO, tiny_recipe
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.plugin_commands import add_plugin_commands
 from layerwise.recipe import parse_recipe
 from layerwise.testing import check_objective, use_plugin
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 GUIDE = REPO / "docs" / "plugins.md"
 
@@ -118,7 +118,7 @@ def snippet_defining(hook: str) -> types.ModuleType:
 
 def test_the_layer_snippet_builds_a_network(fresh_plugins):
     from layerwise.graph import Graph
-    from tests.conftest import tiny_recipe
+    from tests.helpers import tiny_recipe
 
     with use_plugin(snippet_defining("layerwise_register_layers"), name="layers-snippet"):
         data = tiny_recipe()

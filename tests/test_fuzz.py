@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 def base_recipe() -> dict:

@@ -19,7 +19,7 @@ from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.objectives.nhsic import NHSIC, NHSICConfig
 from layerwise.recipe import parse_recipe
 from layerwise.trainer import Trainer
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")

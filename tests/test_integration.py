@@ -16,7 +16,7 @@ def trained_run(tmp_path_factory):
     import sys
 
     from layerwise.cli import main
-    from tests.conftest import SHARED_DATA
+    from tests.helpers import SHARED_DATA
 
     if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")

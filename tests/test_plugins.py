@@ -26,7 +26,7 @@ from layerwise.graph import Graph
 from layerwise.objectives.base import Objective
 from layerwise.recipe import parse_recipe
 from layerwise.testing import check_objective, use_plugin
-from tests.conftest import REPO, tiny_recipe
+from tests.helpers import REPO, tiny_recipe
 
 PLUGIN_DIRS = sorted(path for path in (REPO / "plugins").iterdir() if (path / "pyproject.toml").is_file())
 

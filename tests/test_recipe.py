@@ -10,7 +10,7 @@ from layerwise.graph import Graph
 from layerwise.plugins import registries
 from layerwise.recipe import load_recipe, parse_recipe
 from layerwise.shipped import shipped_recipes
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))

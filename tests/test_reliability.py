@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import layerwise.train_run
 from layerwise.checkpoint import WEIGHTS_FILE, load_checkpoint
 from layerwise.resume import STATE_FILE, load_state
-from tests.conftest import REPO, SHARED_DATA, tiny_recipe
+from tests.helpers import REPO, SHARED_DATA, tiny_recipe
 
 needs_mnist = pytest.mark.skipif(
     not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists(), reason=f"real MNIST not under {SHARED_DATA}"
@@ -202,7 +202,7 @@ import sys, torch
 from layerwise.checkpoint import save_checkpoint
 from layerwise.graph import Graph
 from layerwise.recipe import parse_recipe
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 data = tiny_recipe()
 data["model"]["subnetworks"][0]["blocks"][0]["out"] = 4096   # about 13 MB of weights
