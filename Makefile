@@ -23,8 +23,10 @@ install: $(BIN)/layerwise
 train: install
 	$(BIN)/layerwise train $(RECIPE)
 
+# Lint first (ruff, configured in pyproject.toml, comes with the test extra), then the tests.
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests plugins -q
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

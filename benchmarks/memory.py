@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from layerwise.atomic import write_text_atomic
-from layerwise.graph import Graph
-from layerwise.recipe import parse_recipe
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
+from layerwise.factory import parse_recipe
 from layerwise.runs import cpu_name
 from layerwise.trainer import Trainer
 
@@ -58,8 +59,8 @@ def worker(method: str, depth: int, width: int, batch: int, steps: int, device: 
     dev = torch.device(device)
     recipe = parse_recipe(stack_recipe(method, depth, width), method)
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 28, 28), 10).to(dev)
-    trainer = Trainer(graph, recipe, 10)
+    graph = network_from_recipe(recipe, (1, 28, 28), 10).to(dev)
+    trainer = Trainer.from_recipe(graph, recipe)
     x = torch.randn(batch, 1, 28, 28, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
     if dev.type == "cuda":

@@ -27,7 +27,7 @@ from layerwise.atomic import write_text_atomic
 from layerwise.checkpoint import WEIGHTS_FILE
 from layerwise.noise_eval import evaluate_noise
 from layerwise.progress import progress_bar
-from layerwise.recipe import load_recipe
+from layerwise.factory import load_recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
 from layerwise.train_run import train_recipe
@@ -189,7 +189,8 @@ def accuracy_figures(records: dict, out: Path) -> list[Path]:
         for (_, method), rows in group({k: r for k, r in records.items() if r["dataset"] == dataset},
                                        "dataset", "method").items():
             epochs = range(1, len(rows[0]["test_acc_by_epoch"]) + 1)
-            curves[method] = (list(epochs), [statistics.mean(r["test_acc_by_epoch"][e - 1] for r in rows) for e in epochs])
+            curves[method] = (list(epochs),
+                              [statistics.mean(r["test_acc_by_epoch"][e - 1] for r in rows) for e in epochs])
             sweeps[method] = (SWEEP, [statistics.mean(r["noise"][f"{s:g}"] for r in rows) for s in SWEEP])
         written.append(draw(curves, out / f"accuracy-{dataset}.png", "epoch",
                             f"{dataset}: test accuracy per epoch (mean over seeds)"))
@@ -240,8 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / f"{args.study}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}, "total_seconds": 0.0}
-    state["command"] = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    state["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu", "torch": torch.__version__}
+    command = argv if argv is not None else __import__("sys").argv[1:]
+    state["command"] = "python benchmarks/reproduce.py " + " ".join(command)
+    state["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu",
+                        "torch": torch.__version__}
     # Tables follow the study's own order (dataset, method, seed), however the jobs were resumed.
     order = [job.key for job in STUDIES[args.study](seeds)]
     state["records"] = dict(sorted(state["records"].items(),

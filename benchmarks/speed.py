@@ -25,8 +25,10 @@ import torch
 import yaml
 
 from layerwise.atomic import write_text_atomic
-from layerwise.graph import Graph
-from layerwise.recipe import Recipe, load_recipe
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
+from layerwise.factory import load_recipe
+from layerwise.recipe import Recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
 from layerwise.trainer import Trainer
@@ -85,7 +87,7 @@ def make_trainer(recipe: Recipe, device: torch.device, compile_blocks: bool = Fa
     """A trainer for an MNIST recipe (28x28 grey input, 10 classes); ``compile_blocks`` wraps
     every block's layers in ``torch.compile`` (the objectives stay eager)."""
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 28, 28), 10).to(device)
+    graph = network_from_recipe(recipe, (1, 28, 28), 10).to(device)
     graph.train()
     if compile_blocks:
         # A hybrid's local backward keeps the graph for the global one (retain_graph=True), which
@@ -93,7 +95,7 @@ def make_trainer(recipe: Recipe, device: torch.device, compile_blocks: bool = Fa
         torch._functorch.config.donated_buffer = False
         for block in graph.blocks.values():
             block.body = torch.compile(block.body)
-    return Trainer(graph, recipe, 10)
+    return Trainer.from_recipe(graph, recipe)
 
 
 def sync(device: torch.device) -> None:
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         same = f"{row['vs_same_widths_backprop']:.2f} ({row['same_widths_backprop']})"
         floor = f"{row['nhsic_floor_ms']:.2f} ({row['nhsic_floor_vs_same_widths_backprop']:.2f})" \
             if row["nhsic_floor_ms"] else "-"
-        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} | {same} | {floor} |")
+        lines.append(f"| {name} | {row['ms_per_batch']:.2f} | {row['samples_per_s']:.0f} | {ratio} | {same} "
+                     f"| {floor} |")
     write_text_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     if args.profile:

@@ -57,17 +57,18 @@ def summary() -> str | None:
             if not accs:
                 cells.append("-")
             else:
-                cells.append(f"{statistics.mean(accs):.2f}" + (f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""))
+                spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+                cells.append(f"{statistics.mean(accs):.2f}{spread}")
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(epochs)))} | "
                      f"{'/'.join(map(str, sorted(seeds)))} |")
     first = records.get("mnist/hybrid/seed0")
     if first:
-        lines += ["", f"`make train` trains the same recipe as the first of these jobs (`recipes/mnist_hybrid.yaml`, seed 0, "
-                      f"{first['epochs']} epochs): it reached **{100 * first['test_acc']:.2f}%** test accuracy, with "
-                      f"{first['train_seconds']:.0f} s of training ({first['wall_seconds']:.0f} s in all, evaluation "
-                      f"included) on one thread of the machine above. With another thread count the sums "
-                      f"round differently, and the papers' nHSIC ridge makes training sensitive to rounding "
-                      f"(docs/distributed.md): expect a figure near this one, not the same digits."]
+        lines += ["", "`make train` trains the same recipe as the first of these jobs (`recipes/mnist_hybrid.yaml`, "
+                      f"seed 0, {first['epochs']} epochs): it reached **{100 * first['test_acc']:.2f}%** test "
+                      f"accuracy, with {first['train_seconds']:.0f} s of training ({first['wall_seconds']:.0f} s in "
+                      "all, evaluation included) on one thread of the machine above. With another thread count the "
+                      "sums round differently, and the papers' nHSIC ridge makes training sensitive to rounding "
+                      "(docs/distributed.md): expect a figure near this one, not the same digits."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from layerwise import hookimpl
+from layerwise.hookspecs import hookimpl
 
 
 @hookimpl

@@ -12,21 +12,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from layerwise import __version__
+from layerwise.version import __version__
 from layerwise.atomic import write_bytes_atomic
-from layerwise.errors import CheckpointError, LayerwiseError
-from layerwise.graph import Graph
-from layerwise.recipe import Recipe, parse_recipe
+from layerwise.errors import CheckpointError, LayerwiseError, RecipeError
+from layerwise.factory import build_on_meta, network_from_recipe, parse_recipe
+from layerwise.graph import Network
+from layerwise.recipe import Recipe
+from layerwise.schema import describe
 
 WEIGHTS_FILE = "model.safetensors"
 DIGEST_KEY = "layerwise.sha256"
+# What layerwise writes as JSON metadata nests 7 levels at most (a block's objective options inside
+# the recipe, an optimizer's betas inside its param groups). A file may come from a stranger, and
+# JSON nested thousands deep makes Python's recursive code (json, copy, the schema) overflow.
+MAX_JSON_DEPTH = 32
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -57,6 +67,8 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
+        if looks_like_recipe(path):  # safetensors would call a YAML file's first bytes a header too large
+            raise CheckpointError(recipe_not_checkpoint(path, what)) from None
         raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt?): {exc}") from None
     expected = metadata.get(DIGEST_KEY)
     if expected is not None and tensor_digest(tensors, metadata) != expected:
@@ -65,17 +77,95 @@ def read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], di
     return tensors, metadata
 
 
-def save_checkpoint(path: str | Path, graph: Graph, recipe: Recipe, epoch: int, metrics: dict) -> None:
-    """Write the graph's weights and the recipe atomically to ``path``."""
+def looks_like_recipe(path: Path) -> bool:
+    """True when ``path`` is a recipe (a ``.yaml``/``.yml`` name, or small YAML text with a model and data)."""
+    if path.suffix.lower() in RECIPE_SUFFIXES:
+        return True
+    import yaml
+
+    try:
+        if path.stat().st_size > 1_000_000:  # recipes are a few kB; never parse a large file to guess
+            return False
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(data, dict) and "model" in data and "data" in data
+
+
+def recipe_not_checkpoint(path: Path, what: str) -> str:
+    """The message for a recipe given where a checkpoint was expected, with what to pass instead."""
+    return (f"{path}: is a recipe, not a {what}; this command takes a run folder (runs/latest is the newest) "
+            f"or its {WEIGHTS_FILE}. To train the recipe: layerwise train {shlex.quote(str(path))}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with newlines, terminal escapes and other unprintable characters written as escapes.
+
+    Messages quote strings read from files that may come from strangers; printed raw, such a
+    string could break the one-line error or drive the terminal.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and mappings nest in ``value`` (0 for a scalar), without recursion."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            if deepest > MAX_JSON_DEPTH:
+                break
+            pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def metadata_json(path: Path, metadata: dict[str, str], key: str) -> Any:
+    """The JSON value of metadata ``key``, or a one-line error naming the file and the key."""
+    if key not in metadata:
+        raise CheckpointError(f"{path}: has no '{key}' metadata")
+    try:
+        value = json.loads(metadata[key])
+    except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit integer, nesting past the stack
+        raise CheckpointError(f"{path}: its '{key}' metadata is not valid JSON") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path}: its '{key}' metadata nests more than {MAX_JSON_DEPTH} levels deep; "
+                              f"layerwise never writes that, so the file was made by something else")
+    return value
+
+
+def metadata_epoch(path: Path, metadata: dict[str, str], default: str | None = None) -> int:
+    """The ``epoch`` metadata as a number, or a one-line error saying what was found."""
+    text = metadata.get("epoch", default)
+    if text is None:
+        raise CheckpointError(f"{path}: has no 'epoch' metadata")
+    if not re.fullmatch(r"[0-9]{1,9}", text):  # ASCII digits: int() would also take '٣', ' 3', '1_0' and '-1'
+        raise CheckpointError(f"{path}: its 'epoch' metadata must be a number of epochs >= 0, "
+                              f"found {one_line(describe(text))}")
+    return int(text)
+
+
+def embedded_recipe(path: Path, data: Any) -> Recipe:
+    """The recipe a file carries, validated; every problem on one line (the file is not the user's to edit)."""
+    try:
+        return parse_recipe(data, f"{path} (embedded recipe)")
+    except RecipeError as exc:
+        shown = "; ".join(exc.problems[:3]) + (f" (and {len(exc.problems) - 3} more)" if len(exc.problems) > 3 else "")
+        raise CheckpointError(one_line(f"{path}: its embedded recipe is not valid: {shown}")) from None
+
+
+def save_network(path: str | Path, graph: Network, metadata: dict[str, str]) -> None:
+    """Write the network's weights (and buffers) atomically to ``path``, with ``metadata``, the
+    versions, and the digest."""
     tensors = {name: t.detach().contiguous().cpu() for name, t in graph.state_dict().items()}
-    metadata = {
-        "layerwise.recipe": json.dumps(recipe.to_dict()),
-        "layerwise.version": __version__,
-        "torch.version": torch.__version__,
-        "epoch": str(epoch),
-        "metrics": json.dumps(metrics),
-    }
+    metadata = {**metadata, "layerwise.version": __version__, "torch.version": torch.__version__}
     write_bytes_atomic(path, safetensors_with_digest(tensors, metadata))
+
+
+def save_checkpoint(path: str | Path, graph: Network, recipe: Recipe, epoch: int, metrics: dict) -> None:
+    """Write the graph's weights and the recipe atomically to ``path``."""
+    save_network(path, graph, {"layerwise.recipe": json.dumps(recipe.to_dict()), "epoch": str(epoch),
+                               "metrics": json.dumps(metrics)})
 
 
 @dataclass
@@ -89,8 +179,8 @@ class Checkpoint:
 
     @property
     def epoch(self) -> int:
-        """The number of epochs trained when it was saved."""
-        return int(self.metadata.get("epoch", "0"))
+        """The number of epochs trained when it was saved (0 when a file does not say)."""
+        return metadata_epoch(self.path, self.metadata, default="0")
 
 
 def find_weights(path: str | Path) -> Path:
@@ -98,6 +188,8 @@ def find_weights(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_FILE
+    elif path.is_file() and path.suffix.lower() in RECIPE_SUFFIXES:
+        raise CheckpointError(recipe_not_checkpoint(path, "checkpoint"))
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there; pass a run folder or a .safetensors file "
                               f"(runs/latest is the newest run)")
@@ -110,17 +202,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     tensors, metadata = read_safetensors(path, "safetensors checkpoint")
     if "layerwise.recipe" not in metadata:
         raise CheckpointError(f"{path}: has no 'layerwise.recipe' metadata, so it was not written by layerwise")
-    try:
-        recipe_data = json.loads(metadata["layerwise.recipe"])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: its 'layerwise.recipe' metadata is not valid JSON") from None
-    recipe = parse_recipe(recipe_data, f"{path} (embedded recipe)")
-    return Checkpoint(path, recipe, tensors, metadata)
+    recipe = embedded_recipe(path, metadata_json(path, metadata, "layerwise.recipe"))
+    checkpoint = Checkpoint(path, recipe, tensors, metadata)
+    # Checked now, so that a damaged file fails before any data is loaded or report written.
+    if checkpoint.epoch > recipe.train.epochs:
+        raise CheckpointError(f"{path}: its 'epoch' metadata says {checkpoint.epoch} epochs, more than the "
+                              f"{recipe.train.epochs} of its recipe")
+    return checkpoint
 
 
-def load_weights(graph: Graph, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+def load_weights(graph: Network, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """Copy ``tensors`` into ``graph``, or say exactly which names and shapes do not match."""
-    expected = graph.state_dict()
+    problems = shape_mismatches(graph.state_dict(), tensors)
+    if problems:
+        raise CheckpointError(f"{source}: does not match the network: " + "; ".join(problems))
+    graph.load_state_dict(tensors)
+
+
+def shape_mismatches(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What differs between the tensors a network needs and those a file holds: missing and
+    unexpected names, and shapes (``expected`` may live on the meta device)."""
     problems = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -130,21 +231,25 @@ def load_weights(graph: Graph, tensors: dict[str, torch.Tensor], source: str | P
         problems.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     for name in sorted(set(expected) & set(tensors)):
         if expected[name].shape != tensors[name].shape:
-            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the recipe needs {tuple(expected[name].shape)}")
-    if problems:
-        raise CheckpointError(f"{source}: does not match the recipe: " + "; ".join(problems))
-    graph.load_state_dict(tensors)
+            problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the network needs "
+                            f"{tuple(expected[name].shape)}")
+    return problems
 
 
-def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Graph, Checkpoint]:
-    """Rebuild the network from a checkpoint alone and load its weights."""
-    from layerwise.plugins import registries
+def model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Network, Checkpoint]:
+    """Rebuild the network from a checkpoint alone and load its weights.
 
+    The embedded recipe comes from the file, so it is untrusted: its network is first built on
+    the meta device and its shapes compared with the stored tensors, so a recipe that asks for
+    huge layers the file does not hold is refused before anything is allocated.
+    """
     ckpt = load_checkpoint(path)
-    spec = registries().datasets.get(ckpt.recipe.data.dataset)
     try:
-        graph = Graph(ckpt.recipe, spec.shape, spec.num_classes)
+        problems = shape_mismatches(build_on_meta(ckpt.recipe).state_dict(), ckpt.tensors)
     except LayerwiseError as exc:
         raise CheckpointError(f"{ckpt.path}: its recipe no longer builds: {exc}") from None
+    if problems:
+        raise CheckpointError(f"{ckpt.path}: its tensors do not match its own recipe: " + "; ".join(problems[:5]))
+    graph = network_from_recipe(ckpt.recipe)
     load_weights(graph, ckpt.tensors, ckpt.path)
     return graph.to(device), ckpt

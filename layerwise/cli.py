@@ -79,7 +79,7 @@ def train(
     Ctrl-C stops at the next batch boundary and prints the command that resumes the run.
     """
     from layerwise.distributed import check_batch_divides, launch, launched_world_size
-    from layerwise.recipe import load_recipe
+    from layerwise.factory import load_recipe
     from layerwise.runs import resolve_run
     from layerwise.shipped import resolve_recipe_path
     from layerwise.train_run import resume_run, run_folder_to_resume, train_recipe
@@ -158,17 +158,14 @@ def eval_command(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe (keys, types, names, graph and shapes) without training."""
-    from layerwise.graph import build_on_meta
-    from layerwise.plugins import registries
-    from layerwise.recipe import load_recipe
+    from layerwise.factory import build_on_meta, load_recipe
     from layerwise.shipped import resolve_recipe_path
 
     path = resolve_recipe_path(recipe)
     parsed = load_recipe(path, overrides or [])
-    spec = registries().datasets.get(parsed.data.dataset)
-    graph = build_on_meta(parsed, spec.shape, spec.num_classes)  # no memory, whatever the widths
+    graph = build_on_meta(parsed)  # no memory, whatever the widths
     params = sum(p.numel() for p in graph.parameters())
-    local = [b.config.name for b in graph.local_blocks()]
+    local = [b.name for b in graph.local_blocks()]
     stdout.print(f"[green]ok[/]: {path}: {len(graph.order)} blocks, {params:,} parameters, "
                  f"local blocks: {', '.join(local) or 'none'}")
 
@@ -252,7 +249,8 @@ def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to draw together.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
 ) -> None:
-    """Draw test accuracy per epoch, and accuracy against noise from each run's eval/ (needs layerwise[plot])."""
+    # Raw docstring with "\[": typer renders help as rich markup, where a bare "[plot]" is a style tag and vanishes.
+    r"""Draw test accuracy per epoch, and accuracy against noise from each run's eval/ (needs layerwise\[plot])."""
     from layerwise.plot import plot_runs
 
     for path in plot_runs(runs, out):

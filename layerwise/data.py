@@ -17,6 +17,7 @@ import gzip
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -117,11 +118,15 @@ def missing_data_error(
     folders: tuple[str, ...],
     extra_hint: str = "",
 ) -> DataError:
-    """A :class:`DataError` listing the files needed, the folders searched and how to fix it."""
+    """A :class:`DataError` listing the files needed, the folders searched and how to fix it.
+
+    The first line is the error on its own (what is missing), since that is the line a user
+    reads and a log keeps; the folders searched and the ways to fix it follow.
+    """
     searched = "\n".join(f"  {root / folder}" for root in search_dirs for folder in folders)
     message = (
-        f"dataset '{dataset}' ({split} split) not found: need {', '.join(files)} "
-        f"(gzipped or not) in one folder, but none of these has them:\n{searched}\n"
+        f"dataset '{dataset}' ({split} split) not found: no data folder has {', '.join(files)} "
+        f"(gzipped or not)\nSearched, in order:\n{searched}\n"
         f"Put them in {search_dirs[0] / folders[0]}, or in ${DATA_ENV_VAR}/{folders[0]}, "
         f"or in DIR/{folders[0]} and pass --data-root DIR."
     )
@@ -173,8 +178,12 @@ def read_idx(path: Path) -> torch.Tensor:
 CIFAR_RECORD_BYTES = 1 + 3 * 32 * 32
 
 
-def read_cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode CIFAR-10 binary batch files: records of 1 label byte then 3072 CHW pixel bytes."""
+def read_cifar_batches(paths: list[Path], num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode CIFAR-10 binary batch files: records of 1 label byte then 3072 CHW pixel bytes.
+
+    Each file's labels are checked to be below ``num_classes``, so that a bad byte is reported
+    with the file it is in.
+    """
     images, labels = [], []
     for path in paths:
         data = _read_bytes(path)
@@ -185,6 +194,7 @@ def read_cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
             )
         records = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(-1, CIFAR_RECORD_BYTES)
         labels.append(records[:, 0].long())
+        check_samples(labels[-1], num_classes, "cifar10", "", str(path))
         images.append(records[:, 1:].reshape(-1, 3, 32, 32))
     return torch.cat(images), torch.cat(labels)
 
@@ -209,7 +219,7 @@ CIFAR10_FOLDERS = ("cifar10/cifar-10-batches-bin", "cifar-10-batches-bin", "cifa
 
 
 def _load_idx_dataset(
-    name: str, folders: tuple[str, ...], split: str, search_dirs: list[Path]
+    name: str, folders: tuple[str, ...], num_classes: int, split: str, search_dirs: list[Path]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loader for MNIST-style datasets: one IDX image file and one IDX label file per split."""
     files = IDX_FILES[split]
@@ -225,7 +235,10 @@ def _load_idx_dataset(
             f"{folder}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not "
             "match (expected (N, H, W) and (N,)); fetch the files again"
         )
-    return images.unsqueeze(1), labels.long()
+    labels = labels.long()
+    # Checked here as well as in load_split, because only the loader knows which file is wrong.
+    check_samples(labels, num_classes, name, split, str(label_path))
+    return images.unsqueeze(1), labels
 
 
 def _load_cifar10(split: str, search_dirs: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +267,7 @@ def builtin_datasets() -> list[DatasetSpec]:
             num_classes=10,
             mean=(0.1307,),
             std=(0.3081,),
-            loader=functools.partial(_load_idx_dataset, "mnist", MNIST_FOLDERS),
+            loader=functools.partial(_load_idx_dataset, "mnist", MNIST_FOLDERS, 10),
             files_hint=f"{idx_hint} in a folder {' or '.join(MNIST_FOLDERS)}",
         ),
         DatasetSpec(
@@ -263,7 +276,7 @@ def builtin_datasets() -> list[DatasetSpec]:
             num_classes=10,
             mean=(0.2860,),
             std=(0.3530,),
-            loader=functools.partial(_load_idx_dataset, "fashion_mnist", FASHION_MNIST_FOLDERS),
+            loader=functools.partial(_load_idx_dataset, "fashion_mnist", FASHION_MNIST_FOLDERS, 10),
             files_hint=f"{idx_hint} in a folder {' or '.join(FASHION_MNIST_FOLDERS)}",
         ),
         DatasetSpec(
@@ -297,6 +310,7 @@ def load_split(
         raise DataError(f"unknown split '{split}' for dataset '{spec.name}'; use one of {', '.join(SPLITS)}")
     roots = data_roots(data_root)
     cache_path = roots[0] / "cache" / f"{spec.name}-{split}.pt"
+    remove_stale_cache_temporaries(cache_path.parent)
     cached = _read_cache(cache_path, spec)
     if cached is not None:
         return cached
@@ -306,8 +320,32 @@ def load_split(
     return images, labels
 
 
+def check_samples(labels: torch.Tensor, num_classes: int, dataset: str, split: str, source: str) -> None:
+    """Raise :class:`DataError` naming ``source`` unless there are samples and every label is a class.
+
+    Without this, a label out of range fails deep inside the first batch's cross-entropy (or,
+    on a GPU, as a device-side assert), and an empty test set evaluates to an accuracy of 0.
+    """
+    what = f"dataset '{dataset}'" + (f" ({split} split)" if split else "")
+    if len(labels) == 0:
+        raise DataError(f"{source}: {what} has no samples; expected at least one. The file is empty or "
+                        "truncated; fetch it again")
+    outside = (labels < 0) | (labels >= num_classes)
+    if bool(outside.any()):
+        index = int(outside.nonzero()[0, 0])
+        raise DataError(
+            f"{source}: {what} has {int(outside.sum())} label(s) outside 0..{num_classes - 1} "
+            f"(the first: {int(labels[index])} at sample {index}); expected one of its {num_classes} "
+            "classes. The file is corrupt or belongs to another dataset; fetch it again"
+        )
+
+
 def _check_loaded(spec: DatasetSpec, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """Refuse loader output that the rest of layerwise would misread (mainly for plugin loaders)."""
+    """Refuse loader output that the rest of layerwise would misread (mainly for plugin loaders).
+
+    Built-in loaders check the labels themselves, naming the file; this check covers every
+    loader, a plugin's included, which can only be named by its dataset.
+    """
     expected = (len(images), *spec.shape)
     if (
         images.dtype != torch.uint8
@@ -320,6 +358,14 @@ def _check_loaded(spec: DatasetSpec, split: str, images: torch.Tensor, labels: t
             f"{tuple(images.shape)} and labels {labels.dtype} {tuple(labels.shape)}, expected uint8 "
             f"(N, {', '.join(map(str, spec.shape))}) and int64 (N,); fix the dataset's loader"
         )
+    check_samples(labels, spec.num_classes, spec.name, split, f"the labels from {loader_name(spec.loader)}")
+
+
+def loader_name(loader: Loader) -> str:
+    """A loader as its author knows it, ``module.function``, to name it in errors."""
+    function = getattr(loader, "func", loader)  # functools.partial
+    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", None)
+    return f"loader {module}.{name}" if module and name else f"loader {function!r}"
 
 
 def _read_cache(path: Path, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -331,9 +377,43 @@ def _read_cache(path: Path, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tens
         images, labels = content["images"], content["labels"]
     except Exception:  # a corrupt cache is rebuilt, never fatal
         return None
-    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != spec.shape or len(labels) != len(images):
+    if (
+        not isinstance(images, torch.Tensor)
+        or not isinstance(labels, torch.Tensor)
+        or images.dtype != torch.uint8
+        or tuple(images.shape[1:]) != spec.shape
+        or labels.dtype != torch.int64
+        or tuple(labels.shape) != (len(images),)
+    ):
+        return None
+    try:
+        check_samples(labels, spec.num_classes, spec.name, "", str(path))
+    except DataError:
+        # Only ever written from checked data, so the file was damaged or replaced since:
+        # rebuilding it from the dataset's files (checked again) is the fix.
         return None
     return images, labels
+
+
+# A temporary cache file untouched for this long belongs to a write that was killed. The wait
+# spares a write still running in another process (a concurrent run, another rank): its file's
+# modification time moves while it writes, and a whole split is written in well under this.
+STALE_TEMPORARY_SECONDS = 600
+
+
+def remove_stale_cache_temporaries(folder: Path) -> None:
+    """Delete the ``.<name>.*.tmp`` files that :func:`_write_cache` calls killed half-way left in ``folder``.
+
+    A SIGKILL or a power cut during a write cannot be caught, and each such file is as large
+    as the split (29 MB for MNIST's train split), so they are cleaned up at the next load.
+    """
+    now = time.time()
+    for path in folder.glob(".*.tmp"):
+        try:
+            if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                path.unlink()
+        except OSError:  # gone meanwhile, or a read-only root: nothing to do
+            pass
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -346,9 +426,11 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None
             torch.save({"images": images.contiguous(), "labels": labels.contiguous()}, f)
         os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a shared data root needs it readable
         os.replace(tmp_name, path)
-    except OSError:
+    except BaseException as exc:  # Ctrl-C included: never leave a half-written temporary behind
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
 
 
 # --------------------------------------------------------------------------- noise

@@ -47,11 +47,20 @@ and the data preparation, not the nHSIC kernels.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import datetime
+import json
+import logging
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -66,12 +75,81 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 STOP_CHECK_EVERY = 10
 """Batches between the ranks' votes on Ctrl-C (each vote is a collective and a host sync)."""
 
+TIMEOUT_ENV = "LAYERWISE_DIST_TIMEOUT"
+"""Seconds a collective waits for the other processes before failing (see :func:`collective_timeout`)."""
+
+DEFAULT_TIMEOUT_SECONDS = 300
+"""gloo's own default is 30 minutes: a stopped or hung process would block the others that long.
+Five minutes is far more than any step or any epoch-end evaluation of the shipped recipes (rank 0
+evaluates and saves while the others wait in a collective), and short enough to notice."""
+
+LAUNCHER_PID_ENV = "LAYERWISE_LAUNCHER_PID"
+"""Set by :func:`launch` for torchrun, and by torchrun's wrapper for its workers: their parent's pid."""
+
+REPORT_ENV = "LAYERWISE_LAUNCH_REPORT"
+"""Where torchrun's wrapper writes which rank failed first, for :func:`launch` to say it in one line."""
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
 
 def launched_world_size() -> int:
     """The number of processes ``torchrun`` started this one among (1 when not launched by it)."""
     if not all(name in os.environ for name in LAUNCH_VARIABLES):
         return 1
     return int(os.environ["WORLD_SIZE"])
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: ``$LAYERWISE_DIST_TIMEOUT`` seconds, else
+    :data:`DEFAULT_TIMEOUT_SECONDS`. Raise :class:`LayerwiseError` for a value that is not a number > 0."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_SECONDS)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise LayerwiseError(f"{TIMEOUT_ENV}: expected a number of seconds > 0, found {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def die_with_parent(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> str:
+    """Have this process receive ``sig`` when its parent dies; return how (``prctl`` or ``watchdog``).
+
+    torchrun starts its workers in sessions of their own, so a SIGKILL of torchrun (which cannot
+    pass anything on) would leave them training, unseen, to the end. On Linux the kernel delivers
+    ``sig`` at the parent's death (``prctl(PR_SET_PDEATHSIG)``): at once, at no cost, and even while
+    the process is blocked in a collective, where a Python thread might not get to run. Elsewhere
+    a daemon thread checks ``os.getppid()`` every second instead.
+
+    ``expected_parent``: the pid the parent had when it started this process. A parent that died
+    before this call sends nothing, so then ``sig`` is raised at once.
+    """
+    parent = os.getppid() if expected_parent is None else expected_parent
+    how = "watchdog"
+    if sys.platform.startswith("linux"):
+        try:
+            if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):  # no usable libc: fall back to the thread
+            pass
+    if how == "watchdog":
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), sig)
+
+        threading.Thread(target=watch, name="layerwise-parent-watchdog", daemon=True).start()
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return how
+
+
+def expected_launcher() -> int | None:
+    """The parent pid that :data:`LAUNCHER_PID_ENV` announces, if it is set and a number."""
+    text = os.environ.get(LAUNCHER_PID_ENV, "")
+    return int(text) if text.isdigit() else None
 
 
 def check_batch_divides(batch_size: int, world: int) -> None:
@@ -242,6 +320,10 @@ def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
     if world == 1:
         yield None
         return
+    # Workers die with torchrun: SIGKILL, since a worker may be blocked in a collective, and what
+    # it has saved is whole at any instant (atomic writes).
+    die_with_parent(signal.SIGKILL, expected_launcher())
+    timeout = collective_timeout()
     if int(os.environ["RANK"]) != 0:
         # For the rest of the process, and errors included: the ranks fail alike (the data, the
         # recipe and, through the shared all-reduce, the non-finite watch are the same everywhere),
@@ -257,26 +339,130 @@ def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
                                  f"GPU per process; start at most {gpus}, or set train.device=cpu")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     group = Group(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
     try:
         yield group
+    except RuntimeError as exc:  # torch's DistBackendError included
+        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+            raise
+        raise LayerwiseError(
+            f"rank {group.rank}: the other processes did not answer within {timeout.total_seconds():g} s "
+            f"(${TIMEOUT_ENV}); one of them is stopped, hung or much slower. If this run needs longer "
+            f"pauses (a long evaluation on rank 0), set {TIMEOUT_ENV} to more seconds"
+        ) from None
     finally:
         dist.destroy_process_group()
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Run ``torchrun --standalone --nproc_per_node NPROC -m layerwise ARGS`` and return its exit code.
+    """Run ``ARGS`` (a ``layerwise`` command line) in ``nproc`` processes under torchrun; return the exit code.
+
+    The command is ``python -m layerwise.distributed --standalone --nproc_per_node NPROC -m layerwise
+    ARGS``: torchrun's own ``run``, wrapped (see :func:`torchrun_main`) so that a failed worker is
+    reported here as one line naming its rank and the command that resumes the run, instead of
+    torchrun's traceback. torchrun and its workers die with this process and with each other
+    (:func:`die_with_parent`), so no worker trains on, unseen, after a kill.
 
     Ctrl-C reaches torchrun as well (same process group), and torchrun passes it to the workers,
     which stop together at a batch boundary; so this process ignores it while it waits, instead of
     killing torchrun and orphaning them.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    collective_timeout()  # a bad value is one line here, not one failure per worker
+    command = [sys.executable, "-m", "layerwise.distributed", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "layerwise", *args]
-    process = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_before = launched_run(args)
+    with tempfile.TemporaryDirectory(prefix="layerwise-launch-") as folder:
+        report = Path(folder) / "failure.json"
+        env = {**os.environ, REPORT_ENV: str(report), LAUNCHER_PID_ENV: str(os.getpid())}
+        process = subprocess.Popen(command, env=env)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = process.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        failure = json.loads(report.read_text()) if report.is_file() else None
+    if code == 0 or code == 128 + signal.SIGINT:  # done, or Ctrl-C: rank 0 has said what was saved
+        return code
+    run = launched_run(args)
+    if run is not None and "--resume" not in args and run == run_before:
+        run = None  # runs/latest still names an older run: this one never made its folder
+    from rich.markup import escape
+
+    from layerwise.progress import stderr
+
+    message = failure_message(code, failure, nproc, run)
+    stderr.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return code if code > 0 else 128 - code
+
+
+def launched_run(args: list[str]) -> Path | None:
+    """The run folder a ``train`` command line trains in, as far as it is known now.
+
+    With ``--resume`` it is the folder before that flag (the CLI resolves it before launching);
+    otherwise rank 0 makes a new folder and points ``RUNS_DIR/latest`` at it, so this is where
+    ``latest`` points (None while there is none)."""
+    if "--resume" in args:
+        return Path(args[args.index("--resume") - 1])
+    runs_dir = Path(args[args.index("--runs-dir") + 1]) if "--runs-dir" in args[:-1] else Path("runs")
+    latest = runs_dir / "latest"
+    return latest.resolve() if latest.exists() else None
+
+
+def failure_message(code: int, failure: dict | None, nproc: int, run: Path | None) -> str:
+    """One line: which process failed and how, and how to go on."""
+    if failure is not None:
+        what = f"rank {failure['rank']} of {nproc} {describe_exit(failure['exitcode'])}, so torchrun stopped the others"
+    else:  # torchrun itself ended without a report: killed, or it failed before starting the workers
+        what = f"torchrun, which ran the {nproc} processes, {describe_exit(code)}; its workers stop with it"
+    if run is None:
+        return f"{what}. No run folder was made, so there is nothing to resume"
+    return f"{what}. Resume the run with: layerwise train --resume {run} --nproc {nproc}"
+
+
+def describe_exit(code: int) -> str:
+    """'was killed by SIGKILL' or 'exited with code 2' (a negative code is a signal, as subprocess gives it)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """torchrun (``torch.distributed.run``) with its arguments ``argv``, minus its failure traceback.
+
+    A worker's failure makes torchrun stop the others and raise ``ChildFailedError``, which it
+    prints as some 40 lines of traceback and summary. Here the first failure is written to
+    ``$LAYERWISE_LAUNCH_REPORT`` instead, for :func:`launch` to say in one line, and the exit code
+    is the worker's (128 + N for signal N, as a shell reports it).
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # SIGTERM, not SIGKILL: torchrun then stops its workers itself (and they die with it anyway).
+    die_with_parent(signal.SIGTERM, expected_launcher())
+    # Its log lines on a failure ("Sending process ... closing signal", "failed (exitcode ...)")
+    # say what the one-line report says; torch.distributed.run's own notices are kept. Each
+    # elastic logger has a level of its own (torch sets it from $LOGLEVEL), so each is set.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # for the workers: torchrun's environment is theirs
     try:
-        return process.wait()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if os.environ.get(REPORT_ENV):
+            Path(os.environ[REPORT_ENV]).write_text(json.dumps({"rank": rank, "exitcode": failure.exitcode}))
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    except SignalException as exc:  # Ctrl-C or SIGTERM: torchrun has passed it on to the workers
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":  # python -m layerwise.distributed TORCHRUN-ARGS: see launch()
+    sys.exit(torchrun_main(sys.argv[1:]))

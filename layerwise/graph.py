@@ -1,73 +1,114 @@
 """The graph executor: blocks wired by name, evaluated in dependency order.
 
-Each block reads the previous block's output unless it names ``inputs`` (several inputs are
-concatenated along the feature/channel axis). A block with ``detach: true`` receives its input
-detached, which stops the global gradient there. Shapes are inferred from the dataset by a
-dry run, so a recipe states only output widths.
+A :class:`Network` is a list of :class:`Block` s. Each block holds a module (any
+``nn.Module``, or a function of its input shape that builds one, which is how recipes build
+layers) and the objective that trains it. A block reads the previous block's output unless it
+names ``inputs`` (several inputs are concatenated along the feature/channel axis). A block with
+``detach: true`` receives its input detached, which stops the global gradient there.
+
+Shapes are inferred by a dry run once the network knows its input shape (given, or taken from
+the first batch it sees), so neither a recipe nor a Python user states input widths, and
+``nn.LazyLinear`` and friends work. Objectives are built then, since they may size helper
+modules by their block's output.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
-from layerwise.objectives.base import BlockInfo, Objective
-from layerwise.recipe import BlockConfig, Recipe, block_paths, objective_config
-from layerwise.schema import Problems
-
-INPUT = "input"
+from layerwise.objectives.base import Backprop, BlockInfo, EmptyConfig, Objective
+from layerwise.registry import did_you_mean
+from layerwise.topology import INPUT, block_inputs, topological_order
 
 OnOutput = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(block name, block input, block output) -> tensor passed on`` (see :meth:`Graph.forward`)."""
+"""``(block name, block input, block output) -> tensor passed on`` (see :meth:`Network.run`)."""
+
+BodyFactory = Callable[[tuple], nn.Module]
+"""A function from a block's input shape (batch excluded) to its module."""
 
 
-def block_inputs(blocks: list[BlockConfig]) -> dict[str, list[str]]:
-    """Block name -> the names it reads; by default the block declared before it."""
-    deps: dict[str, list[str]] = {}
-    previous = INPUT
-    for block in blocks:
-        deps[block.name] = list(block.inputs) if block.inputs else [previous]
-        previous = block.name
-    return deps
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective chosen and configured but not yet built: building needs its block's shapes.
+
+    Made by ``layerwise.objective(name, **options)`` (validated like a recipe's) or from a
+    recipe block; ``config`` is the objective's validated ``Config`` instance.
+    """
+
+    name: str
+    cls: type
+    config: Any
+
+    @property
+    def local(self) -> bool:
+        """True when the objective, not the global loss, trains its block."""
+        return self.cls.local
+
+    def build(self, info: BlockInfo) -> Objective:
+        """The objective module for a block of the given shapes."""
+        return self.cls(self.config, info)
 
 
-def topological_order(deps: dict[str, list[str]]) -> list[str]:
-    """Names in an order where every block follows its inputs; ties keep declaration order."""
-    order: list[str] = []
-    done = {INPUT}
-    pending = list(deps)
-    while pending:
-        ready = [name for name in pending if all(src in done for src in deps[name])]
-        if not ready:
-            raise LayerwiseError(f"the blocks {', '.join(pending)} form a cycle through their 'inputs'")
-        for name in ready:
-            order.append(name)
-            done.add(name)
-        pending = [name for name in pending if name not in done]
-    return order
+BACKPROP = ObjectiveSpec("none", Backprop, EmptyConfig())
+"""The default objective: the block is trained by the global loss."""
 
 
 class Block(nn.Module):
-    """A layer (with optional batch-norm and activation) and the objective that trains it."""
+    """One block of a network: a module, the objective that trains it, and how it is wired.
 
-    def __init__(self, config: BlockConfig, body: nn.Module, objective: Objective):
+    ``module`` is any ``nn.Module`` (lazy modules included), or a function of the block's
+    input shape returning one. ``objective`` comes from ``layerwise.objective(...)``; None
+    means ``none``, training by the global loss. ``inputs`` names the blocks (or ``"input"``)
+    it reads, by default the block before it. ``where`` names the block in error messages.
+    """
+
+    def __init__(self, name: str, module: nn.Module | BodyFactory, objective: ObjectiveSpec | None = None, *,
+                 inputs: Sequence[str] | None = None, detach: bool = False, freeze: bool = False,
+                 where: str | None = None):
         super().__init__()
-        self.config = config
-        self.body = body
-        self.objective = objective
+        if not isinstance(name, str) or not name:
+            raise LayerwiseError(f"a block's name must be a non-empty string, found {name!r}")
+        self.name = name
+        self.where = where or f"block '{name}'"
+        if isinstance(module, nn.Module):
+            self.body: nn.Module | None = module
+            self.make_body: BodyFactory | None = None
+        elif callable(module) and not isinstance(module, type):
+            self.body, self.make_body = None, module
+        else:
+            raise LayerwiseError(f"{self.where}: expected an nn.Module instance (or a function of the input shape "
+                                 f"that returns one), found {module!r}")
+        if objective is None:
+            objective = BACKPROP
+        if not isinstance(objective, ObjectiveSpec):
+            raise LayerwiseError(f"{self.where}: objective must come from layerwise.objective(name, **options), "
+                                 f"found {objective!r}")
+        self.spec = objective
+        if inputs is not None and (isinstance(inputs, str) or not all(isinstance(i, str) for i in inputs)):
+            raise LayerwiseError(f"{self.where}: inputs must be a list of block names, found {inputs!r}")
+        self.inputs = list(inputs) if inputs else None
+        self.detach = bool(detach)
+        self.freeze = bool(freeze)
+        self.objective: Objective | None = None  # built by Network.materialize
 
     @property
     def local(self) -> bool:
         """True when a local objective, not the global loss, trains this block."""
-        return self.objective.local
+        return self.spec.local
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
+
+    def extra_repr(self) -> str:
+        wiring = f", inputs={self.inputs}" if self.inputs else ""
+        flags = "".join(f", {flag}=True" for flag in ("detach", "freeze") if getattr(self, flag))
+        return f"name={self.name!r}, objective={self.spec.name!r}{wiring}{flags}"
 
 
 @dataclass
@@ -84,53 +125,111 @@ def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
-class Graph(nn.Module):
-    """A network built from a recipe, for a dataset of shape ``input_shape``."""
+class Network(nn.Module):
+    """A network of blocks; ``model(x)`` returns the last block's logits.
 
-    def __init__(self, recipe: Recipe, input_shape: tuple[int, ...], num_classes: int):
+    ``input_shape`` (batch excluded) builds every shape-dependent part now; without it, that
+    happens on the first batch (:meth:`materialize`). ``num_classes`` defaults to the width of
+    the last block, the head. ``name`` prefixes error messages (a recipe's name, say).
+    """
+
+    def __init__(self, blocks: Sequence[Block], input_shape: Sequence[int] | None = None,
+                 num_classes: int | None = None, *, name: str = "network"):
         super().__init__()
-        from layerwise.plugins import registries
-
-        regs = registries()
-        configs = {block.name: block for block in recipe.model.blocks()}
-        paths = block_paths(recipe)
-        self.deps = block_inputs(recipe.model.blocks())
-        self.order = topological_order(self.deps)
+        self.name = name
+        blocks = list(blocks)
+        check_blocks(blocks, name)
+        self.deps = block_inputs((block.name, block.inputs) for block in blocks)
+        check_inputs(blocks, self.deps, name)
+        try:
+            self.order = topological_order(self.deps)
+        except LayerwiseError as exc:
+            raise LayerwiseError(f"{name}: {exc}") from None
         # How many blocks read each output: fixed by the graph, so counted once, not per batch.
-        self.reader_counts = {name: 0 for name in (INPUT, *self.order)}
+        self.reader_counts = {block: 0 for block in (INPUT, *self.order)}
         for sources in self.deps.values():
             for src in sources:
                 self.reader_counts[src] += 1
-        self.head = recipe.model.blocks()[-1].name
-        self.blocks = nn.ModuleDict()
-        shapes: dict[str, tuple[int, ...]] = {INPUT: tuple(input_shape)}
+        self.head = blocks[-1].name
+        by_name = {block.name: block for block in blocks}
+        self.blocks = nn.ModuleDict({block: by_name[block] for block in self.order})
+        self.num_classes = num_classes
+        self.input_shape: tuple[int, ...] | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if input_shape is not None:
+            self.materialize(input_shape)
+
+    @property
+    def materialized(self) -> bool:
+        """True once every block's module and objective exist (see :meth:`materialize`)."""
+        return self.input_shape is not None
+
+    def materialize(self, input_shape: Sequence[int], device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> "Network":
+        """Build what depends on shapes: modules given as functions, lazy modules' weights (by a
+        dry run on zeros of ``device`` and ``dtype``), and the objectives.
+
+        Objectives are built block by block when ``num_classes`` is known, so random draws
+        happen in block order; otherwise after every shape is known, the head's width giving
+        the class count.
+        """
+        input_shape = tuple(int(s) for s in input_shape)
+        if self.materialized:
+            if input_shape != self.input_shape:
+                raise LayerwiseError(f"{self.name}: was built for inputs of shape {self.input_shape}, "
+                                     f"found {input_shape}")
+            return self
+        shapes: dict[str, tuple[int, ...]] = {INPUT: input_shape}
+        pending = []
         for name in self.order:
-            cfg = configs[name]
+            block = self.blocks[name]
             try:
                 in_shape = merged_shape([shapes[src] for src in self.deps[name]])
-                body = build_body(cfg, in_shape, regs.layers.get(cfg.layer))
-                out_shape = dry_run(body, in_shape)
+                if block.body is None:
+                    block.body = call_factory(block.make_body, in_shape)
+                out_shape = dry_run(block.body, in_shape, device, dtype)
             except LayerwiseError as exc:
-                raise LayerwiseError(f"{recipe.name}: {paths[name]} ('{name}'): {exc}") from None
+                raise LayerwiseError(f"{self.name}: {block.where}: {exc}") from None
             shapes[name] = out_shape
-            info = BlockInfo(name, in_shape, out_shape, tuple(input_shape), num_classes)
-            problems = Problems()
-            config = objective_config(cfg.objective, f"{paths[name]}.objective", regs.objectives, problems)
-            if problems:
-                raise LayerwiseError(f"{recipe.name}: " + "; ".join(problems.items))
-            block = Block(cfg, body, regs.objectives.get(cfg.objective_name)(config, info))
-            if cfg.freeze:
-                block.requires_grad_(False)
-            self.blocks[name] = block
-        self.shapes = shapes
-        self.train()  # puts frozen blocks in eval mode from the start, so their statistics never move
-        if shapes[self.head] != (num_classes,):
+            if self.num_classes is None:
+                pending.append(name)
+            else:
+                self.build_objective(block, shapes, input_shape)
+        head_shape = shapes[self.head]
+        if self.num_classes is None:
+            if len(head_shape) != 1 or head_shape[0] < 2:
+                raise LayerwiseError(f"{self.name}: the head block '{self.head}' (the last block) must output one "
+                                     f"score per class, a flat shape (C,) with C >= 2; found {head_shape}")
+            self.num_classes = head_shape[0]
+            for name in pending:
+                self.build_objective(self.blocks[name], shapes, input_shape)
+        elif head_shape != (self.num_classes,):
             raise LayerwiseError(
-                f"{recipe.name}: the head block '{self.head}' (the last block) outputs shape "
-                f"{shapes[self.head]}, but the dataset has {num_classes} classes: set its out to {num_classes}"
-            )
+                f"{self.name}: the head block '{self.head}' (the last block) outputs shape {head_shape}, but the "
+                f"dataset has {self.num_classes} classes: set its out to {self.num_classes}")
+        for block in self.blocks.values():
+            if block.freeze:
+                block.requires_grad_(False)
+        self.shapes, self.input_shape = shapes, input_shape
+        self.train(self.training)  # puts frozen blocks in eval mode, so their statistics never move
+        return self
 
-    def forward(self, x: torch.Tensor, on_output: OnOutput | None = None) -> GraphOutput:
+    def build_objective(self, block: Block, shapes: dict[str, tuple[int, ...]], input_shape: tuple[int, ...]) -> None:
+        """Build ``block``'s objective for its shapes; its errors name the block."""
+        in_shape = merged_shape([shapes[src] for src in self.deps[block.name]])
+        info = BlockInfo(block.name, in_shape, shapes[block.name], input_shape, self.num_classes)
+        try:
+            objective = block.spec.build(info)
+        except LayerwiseError as exc:
+            raise LayerwiseError(f"{self.name}: {block.where}.objective ({block.spec.name}): {exc}") from None
+        device = next(block.body.parameters(), None)
+        block.objective = objective if device is None else objective.to(device.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the head for a batch ``x``."""
+        return self.run(x).logits
+
+    def run(self, x: torch.Tensor, on_output: OnOutput | None = None) -> GraphOutput:
         """Run every block in order.
 
         ``on_output(name, block_input, block_output)``, when given, sees each block's output as
@@ -138,6 +237,8 @@ class Graph(nn.Module):
         on. Outputs are then dropped as soon as their last reader has run, so memory need not
         grow with depth; ``inputs`` and ``outputs`` of the result stay empty.
         """
+        if not self.materialized:
+            self.materialize(x.shape[1:], x.device, x.dtype)
         values = {INPUT: x}
         readers_left = dict(self.reader_counts)
         inputs: dict[str, torch.Tensor] = {}
@@ -145,7 +246,7 @@ class Graph(nn.Module):
         for name in self.order:
             block = self.blocks[name]
             value = merge([values[src] for src in self.deps[name]])
-            if block.config.detach:
+            if block.detach:
                 value = value.detach()
             out = block(value)
             if on_output is None:
@@ -164,43 +265,73 @@ class Graph(nn.Module):
         trainable ``none`` block to the head that no ``detach`` cuts."""
         reaches_head = {self.head}
         for name in reversed(self.order):
-            if name in reaches_head and not self.blocks[name].config.detach:
+            if name in reaches_head and not self.blocks[name].detach:
                 reaches_head.update(self.deps[name])
         fed_by_global: set[str] = set()
         for name in self.order:
             block = self.blocks[name]
-            upstream = not block.config.detach and any(src in fed_by_global for src in self.deps[name])
-            if upstream or (not block.local and not block.config.freeze):
+            upstream = not block.detach and any(src in fed_by_global for src in self.deps[name])
+            if upstream or (not block.local and not block.freeze):
                 fed_by_global.add(name)
         return reaches_head & fed_by_global
 
-    def train(self, mode: bool = True) -> "Graph":
+    def train(self, mode: bool = True) -> "Network":
         """Train mode everywhere except frozen blocks, whose batch-norm statistics must not move."""
         super().train(mode)
         for block in self.blocks.values():
-            if block.config.freeze:
+            if block.freeze:
                 block.eval()
         return self
 
     def local_blocks(self) -> list[Block]:
         """Blocks trained by their own objective, in evaluation order, frozen ones excluded."""
-        return [self.blocks[n] for n in self.order if self.blocks[n].local and not self.blocks[n].config.freeze]
+        return [self.blocks[n] for n in self.order if self.blocks[n].local and not self.blocks[n].freeze]
 
     def global_parameters(self) -> list[nn.Parameter]:
         """Parameters the global loss trains: those of unfrozen ``none`` blocks."""
         return [
             p
             for n in self.order
-            if not self.blocks[n].local and not self.blocks[n].config.freeze
+            if not self.blocks[n].local and not self.blocks[n].freeze
             for p in self.blocks[n].parameters()
         ]
 
 
-def build_on_meta(recipe: Recipe, input_shape: tuple[int, ...], num_classes: int) -> Graph:
-    """The graph on PyTorch's meta device: every shape is inferred and every parameter counted,
-    but nothing is allocated, so checking a recipe with absurd widths costs no memory or time."""
-    with torch.device("meta"):
-        return Graph(recipe, input_shape, num_classes)
+def check_blocks(blocks: list[Block], network: str) -> None:
+    """Blocks are :class:`Block` s with unique names that can key an ``nn.ModuleDict``."""
+    if not blocks:
+        raise LayerwiseError(f"{network}: a network needs at least one block")
+    seen: set[str] = set()
+    for block in blocks:
+        if not isinstance(block, Block):
+            raise LayerwiseError(f"{network}: expected layerwise.Block items, found {type(block).__name__}")
+        name = block.name
+        if name == INPUT:
+            raise LayerwiseError(f"{network}: {block.where}: '{INPUT}' is reserved: it names the network's input")
+        if "." in name or hasattr(nn.ModuleDict(), name):
+            raise LayerwiseError(f"{network}: {block.where}: '{name}' cannot name a module (a '.' or an attribute "
+                                 f"of torch.nn.ModuleDict); choose another name")
+        if name in seen:
+            raise LayerwiseError(f"{network}: {block.where}: block name '{name}' is used twice")
+        seen.add(name)
+
+
+def check_inputs(blocks: list[Block], deps: dict[str, list[str]], network: str) -> None:
+    """Every input a block names is another block or the network's input."""
+    names = [block.name for block in blocks]
+    for block in blocks:
+        for source in deps[block.name]:
+            if source != INPUT and source not in deps:
+                raise LayerwiseError(f"{network}: {block.where}: inputs: unknown block '{source}'"
+                                     f"{did_you_mean(source, names + [INPUT])}")
+
+
+def call_factory(factory: BodyFactory, in_shape: tuple[int, ...]) -> nn.Module:
+    """The module a factory builds for ``in_shape``, or an error saying it built none."""
+    module = factory(in_shape)
+    if not isinstance(module, nn.Module):
+        raise LayerwiseError(f"its module function returned {type(module).__name__}, not an nn.Module")
+    return module
 
 
 def merged_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -213,43 +344,32 @@ def merged_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
-def build_body(cfg: BlockConfig, in_shape: tuple[int, ...], builder) -> nn.Module:
-    """The layer, then batch-norm if ``norm`` is set, then the activation."""
-    try:
-        parts = [builder(cfg, in_shape)]
-        if cfg.norm:
-            parts.append(batch_norm_for_layer(parts[0], in_shape))
-    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
-        # Sizes a recipe may ask for but PyTorch cannot honour: weights too large to allocate,
-        # shapes whose element count overflows 64 bits, a zero or negative size.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LayerwiseError(f"cannot build its {cfg.layer} layer: {reason}") from None
-    if cfg.act:
-        from layerwise.layers import ACTIVATION_MODULES
-
-        parts.append(ACTIVATION_MODULES[cfg.act]())
-    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+def module_place(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    """Device and floating dtype of a module's first initialised parameter or buffer, if any."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not isinstance(tensor, nn.parameter.UninitializedTensorMixin) and tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
 
 
-def batch_norm_for_layer(layer: nn.Module, in_shape: tuple[int, ...]) -> nn.Module:
-    """A batch-norm sized by the layer's output, found by a dry run."""
-    from layerwise.layers import batch_norm_for
-
-    return batch_norm_for(dry_run(layer, in_shape))
-
-
-def dry_run(module: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Output shape (without batch) of ``module`` on a zero input of ``in_shape``."""
+def dry_run(module: nn.Module, in_shape: tuple[int, ...], device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> tuple[int, ...]:
+    """Output shape (without batch) of ``module`` on a zero input of ``in_shape``, made on
+    ``device``/``dtype`` or else where the module's own weights are (lazy modules get theirs
+    here)."""
+    own_device, own_dtype = module_place(module)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            out = module(torch.zeros(2, *in_shape))
-    except (RuntimeError, ValueError, TypeError, OverflowError) as exc:
+            out = module(torch.zeros(2, *in_shape, device=own_device or device, dtype=own_dtype or dtype))
+    except (RuntimeError, ValueError, TypeError, OverflowError, IndexError) as exc:
         # TypeError and OverflowError: sizes past 64 bits, e.g. a padding of 2**62 on the meta device.
         raise LayerwiseError(f"cannot take an input of shape {in_shape}: {str(exc).splitlines()[0]}") from None
     finally:
         module.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise LayerwiseError(f"its module returned {type(out).__name__}, not a tensor")
     if out.numel() == 0 or math.prod(out.shape[1:]) == 0:
         raise LayerwiseError(f"input of shape {in_shape} leaves an empty output {tuple(out.shape[1:])}")
     return tuple(out.shape[1:])

@@ -18,6 +18,10 @@ if TYPE_CHECKING:  # annotations only, so that importing the specs stays cheap
 
 hookspec = pluggy.HookspecMarker("layerwise")
 
+hookimpl = pluggy.HookimplMarker("layerwise")
+"""Marker for plugin hook implementations: decorate functions named after the hooks below.
+Plugin authors import it from the package root: ``from layerwise import hookimpl``."""
+
 
 @hookspec
 def layerwise_register_objectives(registry: Registry) -> None:

@@ -1,4 +1,5 @@
-"""Built-in layer builders: ``builder(block_config, in_shape) -> nn.Module``.
+"""Built-in layer builders: ``builder(block_config, in_shape) -> nn.Module``, and
+:func:`build_body`, which turns a recipe block into its module (layer, batch-norm, activation).
 
 ``in_shape`` excludes the batch dimension and comes from the data, so recipes state only
 output widths. A builder raises :class:`LayerwiseError` when the input cannot feed it.
@@ -12,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from layerwise.errors import LayerwiseError
+from layerwise.graph import dry_run
 from layerwise.recipe import BlockConfig
 
 LayerBuilder = Callable[[BlockConfig, tuple], nn.Module]
@@ -92,3 +94,19 @@ BUILTIN_LAYERS: dict[str, LayerBuilder] = {
     "batchnorm": batchnorm,
     "dropout": dropout,
 }
+
+
+def build_body(cfg: BlockConfig, builder: LayerBuilder, in_shape: tuple[int, ...]) -> nn.Module:
+    """The layer, then batch-norm if ``norm`` is set, then the activation."""
+    try:
+        parts = [builder(cfg, in_shape)]
+        if cfg.norm:
+            parts.append(batch_norm_for(dry_run(parts[0], in_shape)))
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+        # Sizes a recipe may ask for but PyTorch cannot honour: weights too large to allocate,
+        # shapes whose element count overflows 64 bits, a zero or negative size.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LayerwiseError(f"cannot build its {cfg.layer} layer: {reason}") from None
+    if cfg.act:
+        parts.append(ACTIVATION_MODULES[cfg.act]())
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)

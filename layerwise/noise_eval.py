@@ -14,24 +14,34 @@ import torch
 
 from layerwise.atomic import write_text_atomic
 from layerwise.checkpoint import model_from_checkpoint
-from layerwise.data import BatchStream, load_split
+from layerwise.data import BatchStream, DatasetSpec, load_split
 from layerwise.errors import LayerwiseError
-from layerwise.plugins import registries
+from layerwise.factory import dataset_spec
+from layerwise.graph import Network
 from layerwise.progress import progress_bar
 from layerwise.trainer import evaluate
 
 
 def parse_noise_levels(text: str) -> list[float]:
     """``"0,0.05,0.5"`` -> ``[0.0, 0.05, 0.5]``; clean accuracy (0) is always included, first."""
-    levels = []
+    values = []
     for part in text.split(","):
         try:
-            value = float(part)
+            values.append(float(part))
         except ValueError:
             raise LayerwiseError(f"--noise: expected numbers in [0, 1] separated by commas, found '{part.strip()}'") from None
-        if not 0.0 <= value <= 1.0:
-            raise LayerwiseError(f"--noise: each std must be in [0, 1] (pixel space), found {value:g}")
-        levels.append(value)
+    return noise_levels(values, "--noise")
+
+
+def noise_levels(values, where: str) -> list[float]:
+    """Sorted distinct noise stds with 0 first, each checked to lie in [0, 1]; ``where`` names
+    the option or argument in the error."""
+    levels = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            # repr, not :g, so that 1.0000001 is not shown as the valid-looking 1
+            raise LayerwiseError(f"{where}: each std must be in [0, 1] (pixel space), found {value!r}")
+        levels.append(float(value))
     return sorted(set([0.0, *levels]))
 
 
@@ -46,16 +56,8 @@ def evaluate_noise(
 ) -> dict:
     """Test accuracy of the checkpoint at each noise std, as a JSON-ready report."""
     graph, ckpt = model_from_checkpoint(checkpoint, device)
-    spec = registries().datasets.get(ckpt.recipe.data.dataset)
-    images, labels = load_split(spec, "test", data_root)
-    results = []
-    with progress_bar(show_progress) as bars:
-        for sigma in levels:
-            stream = BatchStream(spec, images, labels, batch_size=batch_size, shuffle=False, seed=0,
-                                 noise=sigma, noise_seed=noise_seed, device=device)
-            task = bars.add_task(f"noise {sigma:g}", total=len(stream))
-            metrics = evaluate(graph, stream, on_batch=lambda: bars.advance(task))
-            results.append({"noise": sigma, "acc": metrics["acc"], "loss": metrics["loss"]})
+    results = noise_results(graph, dataset_spec(ckpt.recipe), levels, data_root, device, noise_seed, batch_size,
+                            show_progress)
     return {
         "checkpoint": str(ckpt.path),
         "recipe": ckpt.recipe.name,
@@ -67,6 +69,29 @@ def evaluate_noise(
         "torch": torch.__version__,
         "results": results,
     }
+
+
+def noise_results(
+    graph: Network,
+    spec: DatasetSpec,
+    levels: list[float],
+    data_root: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    noise_seed: int = 0,
+    batch_size: int = 1000,
+    show_progress: bool = True,
+) -> list[dict]:
+    """``{"noise", "acc", "loss"}`` of ``graph`` on the test split of ``spec``, per noise std."""
+    images, labels = load_split(spec, "test", data_root)
+    results = []
+    with progress_bar(show_progress) as bars:
+        for sigma in levels:
+            stream = BatchStream(spec, images, labels, batch_size=batch_size, shuffle=False, seed=0,
+                                 noise=sigma, noise_seed=noise_seed, device=device)
+            task = bars.add_task(f"noise {sigma:g}", total=len(stream))
+            metrics = evaluate(graph, stream, on_batch=lambda: bars.advance(task))
+            results.append({"noise": sigma, "acc": metrics["acc"], "loss": metrics["loss"]})
+    return results
 
 
 def write_report(report: dict, eval_dir: Path) -> Path:

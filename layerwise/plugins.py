@@ -8,7 +8,8 @@ A broken plugin never breaks the commands that do not need it. Whatever goes wro
 (it cannot be imported, it implements a misspelled hook, one of its hooks raises, it takes a
 name that another plugin already has) is recorded in :data:`FAILED` under its name, the
 plugin is left out, and ``layerwise plugins`` reports it. An unknown objective, layer or
-dataset name then also points at the failed plugins, since that is usually the cause.
+dataset name then also points at the failed plugins, and at those disabled by
+``LAYERWISE_DISABLE_PLUGINS``, since that is usually the cause.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pluggy
 from layerwise import hookspecs
 from layerwise.errors import LayerwiseError
 from layerwise.registry import Registry
+from layerwise.version import __version__
 
 BUILTINS = "layerwise.builtins"
 """The plugin name of layerwise's own components."""
@@ -166,10 +168,25 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def failure_note() -> str:
-    """A pointer at failed plugins, appended to unknown-name errors; empty when none failed."""
-    if not FAILED:
-        return ""
-    return f"; plugins that failed to load: {', '.join(sorted(FAILED))} (see 'layerwise plugins')"
+    """A pointer at failed and disabled plugins, appended to unknown-name errors; empty when none.
+
+    A name is often unknown because the plugin providing it failed or was switched off. What a
+    disabled plugin would provide cannot be known without importing it, which disabling exists
+    to avoid, so the note names every disabled plugin and leaves the match to the reader.
+    """
+    note = ""
+    if FAILED:
+        note += f"; plugins that failed to load: {', '.join(sorted(FAILED))} (see 'layerwise plugins')"
+    if DISABLED:
+        labels = ", ".join(plugin_label(name) for name in sorted(DISABLED))
+        note += f"; plugins disabled by {DISABLE_ENV}, which may provide it: {labels}"
+    return note
+
+
+def plugin_label(name: str) -> str:
+    """An entry point's name with its distribution's, as users know either: 'localce (layerwise-localce)'."""
+    distribution = DISTRIBUTIONS.get(name, (name, ""))[0]
+    return name if normalize(distribution) == normalize(name) else f"{name} ({distribution})"
 
 
 @functools.cache
@@ -217,8 +234,6 @@ def drop_plugin(pm: pluggy.PluginManager, regs: Registries, name: str, reason: s
 def plugin_version(name: str) -> tuple[str, str]:
     """(distribution, version) of a plugin: layerwise's own for the built-ins, ``?`` when not installed
     (a plugin registered in-process, as tests do)."""
-    from layerwise import __version__
-
     if name == BUILTINS:
         return "layerwise", __version__
     return DISTRIBUTIONS.get(name, ("?", "?"))

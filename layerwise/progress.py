@@ -6,8 +6,30 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-stderr = Console(stderr=True)
-stdout = Console()
+
+
+class PipeFriendlyConsole(Console):
+    """A console that leaves long lines whole when its output is not a terminal.
+
+    Piped or redirected, rich assumes 80 columns and breaks longer lines with real newlines,
+    even inside a word, so a path in a log ("Report: .../noise-20261201-063\n623.json") could
+    no longer be copied or grepped. Soft wrap leaves line breaking to whatever shows the text.
+    On a terminal, rich's word wrapping is kept. Tables still fit the width: they lay out their
+    own cells. The check is made at each print, since the file behind the console can change
+    (sys.stdout is replaced by test runners and by redirections inside a process).
+    """
+
+    @property
+    def soft_wrap(self) -> bool:
+        return self._soft_wrap or not self.is_terminal
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:
+        self._soft_wrap = value
+
+
+stderr = PipeFriendlyConsole(stderr=True)
+stdout = PipeFriendlyConsole()
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -53,11 +75,17 @@ def epoch_table(history: list[dict]) -> Table:
         head = [str(row["epoch"]), f"{row['train_acc']:.2%}", f"{row['test_acc']:.2%}", f"{row['global_loss']:.4f}"]
         blocks = row["blocks"] or {"-": {}}
         for i, (block, metrics) in enumerate(blocks.items()):
-            cells = [fmt(metrics.get(key)) for key in keys]
+            cells = [fmt(metrics.get(key), percent=key == "acc") for key in keys]
             table.add_row(*(head if i == 0 else [""] * 4), block, *cells, end_section=i == len(blocks) - 1)
     return table
 
 
-def fmt(value: float | None) -> str:
-    """A metric to 4 significant digits, or blank when the objective does not report it."""
-    return "" if value is None else f"{value:.4g}"
+def fmt(value: float | None, percent: bool = False) -> str:
+    """A metric to 4 significant digits, or blank when the objective does not report it.
+
+    An accuracy (``percent``) is shown as the train and test accuracies beside it are, as a
+    percentage, so that 0.93 is not read as 0.93%.
+    """
+    if value is None:
+        return ""
+    return f"{value:.2%}" if percent else f"{value:.4g}"

@@ -18,6 +18,7 @@ import yaml
 from layerwise.errors import LayerwiseError, RecipeError
 from layerwise.registry import did_you_mean
 from layerwise.schema import Problems, build, check, join, non_negative, positive, to_plain
+from layerwise.topology import block_inputs, topological_order
 
 ACTIVATIONS = ("relu", "tanh", "elu", "sigmoid", "gelu")
 
@@ -26,9 +27,7 @@ def known(kind: str):
     """A ``check`` that the value names a registered component of ``kind`` (objectives, layers, datasets)."""
 
     def check_name(value: str, path: str, problems: Problems) -> None:
-        from layerwise.plugins import registries
-
-        registry = getattr(registries(), kind)
+        registry = getattr(problems.context, kind)  # the registries passed to parse_recipe
         if value not in registry:
             problems.add(path, registry.unknown_message(value))
 
@@ -48,36 +47,61 @@ def unit_interval(value: float, path: str, problems: Problems) -> None:
         problems.add(path, f"expected a value in [0, 1], found {value}")
 
 
+# A recipe's name names its run folders (``runs/<name>-<YYYYmmdd-HHMMSS>``) and appears in the
+# commands layerwise prints, so it is limited to characters that no shell, terminal or file system
+# reads as anything but themselves. ASCII only, so 100 characters are 100 bytes: with the time
+# suffix the folder name stays far below the usual 255-byte limit.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
 def valid_run_name(value: str, path: str, problems: Problems) -> None:
     """A ``check`` that the recipe's name can name a run folder (``runs/<name>-<time>``) and no other path."""
-    if not value or len(value) > 100 or value.startswith(".") or any(c in value for c in "/\\\0"):
-        problems.add(path, f"expected 1 to 100 characters without '/', '\\' or a leading '.' (it names the "
-                           f"run folder), found {value[:40]!r}")
+    if not RUN_NAME.fullmatch(value):
+        problems.add(path, f"expected 1 to 100 characters among ASCII letters, digits, '_', '-' and '.', not "
+                           f"starting with '-' or '.' (it names the run folder), found {value[:40]!r}")
+
+
+def printable_name(value: str, path: str, problems: Problems) -> bool:
+    """False, with a problem recorded, when a name holds a control character, a terminal escape or
+    another character that is not shown as itself (a newline, a right-to-left override).
+
+    Names are printed in messages and tables, and may come from a stranger's recipe or checkpoint.
+    """
+    if value.isprintable():
+        return True
+    problems.add(path, f"expected printable characters only (no control characters or terminal escapes), "
+                       f"found {value[:40]!r}")
+    return False
+
+
+def valid_subnetwork_name(value: str, path: str, problems: Problems) -> None:
+    """A ``check`` that a sub-network's name prints as itself."""
+    printable_name(value, path, problems)
+
+
+def valid_input_names(value: list[str], path: str, problems: Problems) -> None:
+    """A ``check`` that the block names in ``inputs`` print as themselves (an unknown one is quoted in a message)."""
+    for index, name in enumerate(value):
+        printable_name(name, join(path, index), problems)
 
 
 def valid_block_name(value: str, path: str, problems: Problems) -> None:
-    """A ``check`` that a block name can key the graph's modules and is not the image's name."""
-    from torch import nn
+    """A ``check`` that a block name can key the graph's modules and is not the image's name.
 
+    (Names that clash with attributes of ``torch.nn.ModuleDict`` are refused when the network
+    is built: this module must not import torch.)"""
     if value == "input":
         problems.add(path, "'input' is reserved: it names the image in other blocks' inputs")
+    elif not printable_name(value, path, problems):
+        pass
     elif not value or "." in value:
         problems.add(path, f"expected a non-empty name without '.', found {value[:40]!r}")
-    elif hasattr(nn.ModuleDict(), value):
-        problems.add(path, f"'{value}' is reserved (an attribute of torch.nn.ModuleDict); choose another name")
 
 
 def valid_seed(value: int, path: str, problems: Problems) -> None:
     """A ``check`` that a seed is one that PyTorch's generators accept, with room for per-epoch offsets."""
     if not 0 <= value < 2**63:
         problems.add(path, f"expected a seed in [0, 2^63), found {value}")
-
-
-def valid_objective(value: str | dict, path: str, problems: Problems) -> None:
-    """A ``check`` that the objective is registered and its options fit its config class."""
-    from layerwise.plugins import registries
-
-    objective_config(value, path, registries().objectives, problems)
 
 
 @dataclass
@@ -110,10 +134,17 @@ class BlockConfig:
     stride: int | None = check(positive, None)
     padding: int = check(non_negative, 0)
     p: float = check(unit_interval, 0.5)
-    inputs: list[str] | None = None
-    objective: str | dict[str, Any] = check(valid_objective, "none")
+    inputs: list[str] | None = check(valid_input_names, None)
+    objective: str | dict[str, Any] = "none"
     detach: bool = False
     freeze: bool = False
+    # The objective's typed config, built and validated once, by __post_build__ (not YAML).
+    objective_config: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_build__(self, path: str, problems: Problems) -> None:
+        """The objective must be registered and its options must fit its config class."""
+        self.objective_config = objective_config(self.objective, join(path, "objective"),
+                                                 problems.context.objectives, problems)
 
     @property
     def objective_name(self) -> str:
@@ -132,7 +163,7 @@ class BlockConfig:
 class SubnetworkConfig:
     """A named group of blocks; the paper's unit is one local block then one backprop block."""
 
-    name: str
+    name: str = check(valid_subnetwork_name)
     blocks: list[BlockConfig]
 
 
@@ -221,16 +252,23 @@ def read_yaml(path: Path) -> Any:
         raise LayerwiseError(f"{path}: not a usable YAML recipe: {str(exc).splitlines()[0]}") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file; raise :class:`RecipeError` listing all problems."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, registries: Any) -> Recipe:
+    """Read, override and validate a recipe file; raise :class:`RecipeError` listing all problems.
+
+    ``registries`` (a :class:`layerwise.plugins.Registries`) says which objectives, layers and
+    datasets exist; :func:`layerwise.factory.load_recipe` passes the loaded plugins' ones.
+    """
     path = Path(path)
-    return parse_recipe(read_yaml(path), str(path), overrides)
+    return parse_recipe(read_yaml(path), str(path), overrides, registries=registries)
 
 
-def parse_recipe(data: Any, source: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def parse_recipe(data: Any, source: str, overrides: list[str] | tuple[str, ...] = (), *, registries: Any) -> Recipe:
     """Validate already-parsed recipe data (from a file or a checkpoint's metadata)."""
-    data = copy.deepcopy(data)
-    problems = Problems()
+    try:
+        data = copy.deepcopy(data)
+    except RecursionError:  # crafted metadata: JSON nested deeper than Python's stack
+        raise RecipeError(source, ["nested too deeply to be a recipe"]) from None
+    problems = Problems(context=registries)
     for text in overrides:
         apply_override(data, text, problems)
     if problems:
@@ -337,9 +375,7 @@ def objective_config(objective: str | dict, path: str, objectives, problems: Pro
 
 
 def check_graph(recipe: Recipe, paths: dict[str, str], problems: Problems) -> None:
-    """Unknown input names and cycles; the order of evaluation is found by :mod:`layerwise.graph`."""
-    from layerwise.graph import block_inputs, topological_order
-
+    """Unknown input names and cycles (the rules of :mod:`layerwise.topology`)."""
     names = list(paths)
     ok = True
     for block in recipe.model.blocks():
@@ -350,7 +386,7 @@ def check_graph(recipe: Recipe, paths: dict[str, str], problems: Problems) -> No
                 ok = False
     if ok:
         try:
-            topological_order(block_inputs(recipe.model.blocks()))
+            topological_order(block_inputs((block.name, block.inputs) for block in recipe.model.blocks()))
         except LayerwiseError as exc:
             problems.add("model", str(exc))
 

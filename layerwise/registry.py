@@ -30,7 +30,7 @@ class Registry(Generic[T]):
         self._owners: dict[str, str] = {}
         self._current_owner = "layerwise"
         # Appended to unknown-name errors; the plugin loader points here at plugins that
-        # failed to load, since a missing name is often the symptom of a broken plugin.
+        # failed to load or were disabled, since a missing name is often the symptom of one.
         self.note: Callable[[], str] = lambda: ""
 
     def register(self, name: str, item: T, *, aliases: tuple[str, ...] = ()) -> None:

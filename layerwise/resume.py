@@ -26,18 +26,22 @@ nothing is unpickled.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layerwise import __version__
+from layerwise.version import __version__
 from layerwise.atomic import write_bytes_atomic
-from layerwise.checkpoint import load_weights, read_safetensors, safetensors_with_digest
+from layerwise.checkpoint import (embedded_recipe, load_weights, metadata_epoch, metadata_json, one_line,
+                                  read_safetensors, safetensors_with_digest)
 from layerwise.errors import CheckpointError
-from layerwise.graph import Graph
+from layerwise.graph import Network
 from layerwise.recipe import Recipe
+from layerwise.schema import describe
 
 STATE_FILE = "state.safetensors"
 FORMAT = "layerwise-resume-1"
@@ -45,7 +49,7 @@ FORMAT = "layerwise-resume-1"
 
 def save_state(
     path: str | Path,
-    graph: Graph,
+    graph: Network,
     optimizers: dict[str, torch.optim.Optimizer],
     recipe: Recipe,
     epoch: int,
@@ -112,39 +116,138 @@ class ResumeState:
 
 
 def load_state(path: str | Path) -> ResumeState:
-    """Read a resume state, with one clear error for a truncated, corrupt or foreign file."""
+    """Read a resume state, with one clear error for a truncated, corrupt, foreign or crafted file.
+
+    Everything that does not depend on the model is checked here (types, ranges, the record, the
+    optimizers' layout, the generators); :func:`restore_state` checks the rest against the model
+    before it changes anything. A run folder may come from a stranger, and the checksum only
+    catches accidents: whoever crafts a file can compute it.
+    """
     path = Path(path)
     tensors, metadata = read_safetensors(path, "resume state")
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a layerwise resume state (format {metadata.get('format')!r}, "
-                              f"expected {FORMAT!r})")
+        raise CheckpointError(f"{path}: not a layerwise resume state (format "
+                              f"{one_line(describe(metadata.get('format')))}, expected {FORMAT!r})")
+    recipe = embedded_recipe(path, metadata_json(path, metadata, "layerwise.recipe"))
+    epoch = metadata_epoch(path, metadata)
+    # The state is saved at the end of an epoch, so 0 never appears; past the recipe's end, a
+    # resume would report "nothing to resume" and rewrite the run's files from a made-up epoch.
+    if not 1 <= epoch <= recipe.train.epochs:
+        raise CheckpointError(f"{path}: its 'epoch' metadata is {epoch}; expected 1 to {recipe.train.epochs}, "
+                              f"the epochs of its recipe")
+    record = metadata_json(path, metadata, "record")
+    problem = record_problem(record)
+    if problem is None and record["epoch"] != epoch:
+        problem = f"its epoch is {record['epoch']}, the state's is {epoch}"
+    if problem is not None:
+        raise CheckpointError(one_line(f"{path}: its 'record' metadata is not an epoch record: {problem}"))
+    optimizers = metadata_json(path, metadata, "optimizers")
+    check_layout(path, optimizers, tensors)
+    return ResumeState(path, epoch, recipe.to_dict(), record, optimizers, tensors)
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that fits a float (the epoch table formats it), not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        epoch = int(metadata["epoch"])
-        recipe = json.loads(metadata["layerwise.recipe"])
-        record = json.loads(metadata["record"])
-        optimizers = json.loads(metadata["optimizers"])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its metadata is incomplete or not valid JSON ({exc})") from None
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
+def record_problem(record: Any) -> str | None:
+    """What keeps ``record`` from being an epoch's metrics as the epoch table reads them; None when nothing."""
+    if not isinstance(record, dict):
+        return f"expected a mapping, found {describe(record)}"
+    if isinstance(record.get("epoch"), bool) or not isinstance(record.get("epoch"), int):
+        return f"epoch: expected a number of epochs, found {describe(record.get('epoch'))}"
+    for key in ("train_acc", "test_acc", "global_loss"):
+        if not is_number(record.get(key)):
+            return f"{key}: expected a number, found {describe(record.get(key))}"
+    blocks = record.get("blocks")
+    if not isinstance(blocks, dict):
+        return f"blocks: expected a mapping of block names to metrics, found {describe(blocks)}"
+    for block, metrics in blocks.items():
+        if not isinstance(metrics, dict) or not all(is_number(v) for v in metrics.values()):
+            return f"blocks.{block}: expected a mapping of metric names to numbers, found {describe(metrics)}"
+    return None
+
+
+def check_layout(path: Path, optimizers: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """The checks of a state that need no model: the optimizers' JSON, the tensors' names, the generators."""
+
+    def fail(where: str, expected: str, found: Any) -> None:
+        raise CheckpointError(one_line(f"{path}: {where}: expected {expected}, found {describe(found)}"))
+
+    if not isinstance(optimizers, list):
+        fail("'optimizers' metadata", "a list of optimizers", optimizers)
+    for i, entry in enumerate(optimizers):
+        where = f"'optimizers' metadata [{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"name", "param_groups", "state"}:
+            fail(where, "a mapping with name, param_groups and state", entry)
+        if not isinstance(entry["name"], str):
+            fail(f"{where}.name", "a string", entry["name"])
+        groups = entry["param_groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            fail(f"{where}.param_groups", "a list of mappings", groups)
+        if not isinstance(entry["state"], dict):
+            fail(f"{where}.state", "a mapping", entry["state"])
+        for param, entries in entry["state"].items():
+            if not re.fullmatch(r"[0-9]{1,9}", param):
+                fail(f"{where}.state", "parameter numbers as keys", param)
+            if not isinstance(entries, dict):
+                fail(f"{where}.state.{param}", "a mapping", entries)
+            for key, item in entries.items():
+                at = f"{where}.state.{param}.{key}"
+                if not isinstance(item, dict) or len(item) != 1 or not {"tensor", "value"} & set(item):
+                    fail(at, "a mapping with one key, tensor or value", item)
+                if "tensor" in item and (not isinstance(item["tensor"], str) or item["tensor"] not in tensors
+                                         or not item["tensor"].startswith(f"optim/{i}/")):
+                    fail(f"{at}.tensor", f"the name of one of the file's optim/{i}/ tensors", item["tensor"])
+    for name in tensors:
+        if not name.startswith(("model/", "optim/", "rng/torch", "rng/cuda/")):
+            raise CheckpointError(one_line(f"{path}: unexpected tensor {name!r}; a resume state holds model/, "
+                                           f"optim/ and rng/ tensors only"))
     if "rng/torch" not in tensors:
         raise CheckpointError(f"{path}: has no random generator state (rng/torch)")
-    return ResumeState(path, epoch, recipe, record, optimizers, tensors)
+    torch_size = torch.get_rng_state().numel()
+    ranks = sorted(name for name in tensors if name.startswith("rng/torch/"))
+    if ranks != sorted(f"rng/torch/rank{r}" for r in range(1, len(ranks) + 1)):
+        raise CheckpointError(one_line(f"{path}: its generator tensors should be rng/torch/rank1, rank2, ... "
+                                       f"in order, found {', '.join(ranks[:4])}"))
+    cuda = [name for name in tensors if name.startswith("rng/cuda/")]
+    if any(not re.fullmatch(r"rng/cuda/[0-9]{1,4}", name) for name in cuda):
+        raise CheckpointError(f"{path}: its CUDA generator tensors should be named rng/cuda/<device number>")
+    for name in ["rng/torch", *ranks, *cuda]:
+        generator = tensors[name]
+        size = generator.numel() if name in cuda else torch_size  # CUDA's size depends on its version
+        if generator.dtype != torch.uint8 or tuple(generator.shape) != (size,):
+            raise CheckpointError(f"{path}: tensor {name} is not a generator state: expected {size} bytes "
+                                  f"(uint8), found {generator.dtype} of shape {tuple(generator.shape)}")
 
 
-def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.optim.Optimizer], rank: int = 0) -> bool:
+def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torch.optim.Optimizer], rank: int = 0) -> bool:
     """Load weights, optimizer states and random generators from ``state``, or say what does not fit.
 
     ``rank`` picks the process's own torch generator. Returns False when the state holds none for
     this rank (the run was saved by fewer processes); the generator is then left as it was.
     """
-    load_weights(graph, state.weights(), state.path)
-    saved_names = [entry.get("name") for entry in state.optimizers]
+    # Everything is checked before anything is loaded: a state that does not fit fails whole.
+    saved_names = [entry["name"] for entry in state.optimizers]
     if saved_names != list(optimizers):
-        raise CheckpointError(f"{state.path}: holds optimizers {saved_names}, the recipe builds {list(optimizers)}")
+        raise CheckpointError(one_line(f"{state.path}: holds optimizers {saved_names[:6]}, the recipe builds "
+                                       f"{list(optimizers)[:6]}"))
+    for entry, optimizer in zip(state.optimizers, optimizers.values()):
+        check_optimizer(state, entry, optimizer)
+    load_weights(graph, state.weights(), state.path)
     for entry, optimizer in zip(state.optimizers, optimizers.values()):
         try:
             optimizer.load_state_dict(optimizer_state_dict(entry, state.tensors, optimizer))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{state.path}: optimizer '{entry['name']}' does not fit the recipe: {exc}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # checked above; torch may still object
+            raise CheckpointError(one_line(f"{state.path}: optimizer '{entry['name']}' does not fit the recipe: "
+                                           f"{exc}")) from None
     generator = state.tensors.get("rng/torch" if rank == 0 else f"rng/torch/rank{rank}")
     if generator is None:
         return False
@@ -158,8 +261,87 @@ def restore_state(state: ResumeState, graph: Graph, optimizers: dict[str, torch.
     # CUDA generators are restored only onto the same number of devices; a run resumed on
     # other hardware continues correctly but not bit-identically.
     if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
+        try:
+            torch.cuda.set_rng_state_all(cuda)
+        except (RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{state.path}: unusable CUDA generator state: {exc}") from None
     return True
+
+
+# The state each optimizer keeps per parameter (torch 2.x): "step" is a scalar, the other
+# tensors have the parameter's shape. A missing key or a wrong shape would fail, or silently
+# broadcast into NaNs that get blamed on the recipe, only once training has started.
+STATE_KEYS = {torch.optim.Adam: {"step", "exp_avg", "exp_avg_sq"}, torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq"},
+              torch.optim.SGD: {"momentum_buffer"}}
+
+
+def check_optimizer(state: ResumeState, entry: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Say which key of a saved optimizer does not fit the live one: its groups' hyper-parameters
+    (types and ranges; flags that pick code paths must be equal) and its tensors' shapes."""
+    name = entry["name"]
+
+    def fail(where: str, expected: str, found: Any) -> None:
+        raise CheckpointError(one_line(f"{state.path}: optimizer '{name}' {where}: expected {expected}, "
+                                       f"found {describe(found)}"))
+
+    live_groups = optimizer.state_dict()["param_groups"]
+    if len(entry["param_groups"]) != len(live_groups):
+        fail("param_groups", f"{len(live_groups)} group(s)", entry["param_groups"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for g, (saved, live) in enumerate(zip(entry["param_groups"], live_groups)):
+        for key in saved:
+            if key not in live:
+                fail(f"param_groups[{g}]", f"only the keys {', '.join(live)}", key)
+        for key, expected in live.items():
+            where = f"param_groups[{g}].{key}"
+            if key not in saved:
+                if isinstance(expected, (bool, type(None))):
+                    continue  # a flag newer than the file: torch gives it its default
+                fail(where, "a value", None)
+            value = saved[key]
+            if key == "params":
+                if value != expected:
+                    fail(where, f"the parameter numbers {expected[:4]}{' ...' if len(expected) > 4 else ''}", value)
+            elif isinstance(expected, tuple):
+                if not (isinstance(value, list) and len(value) == len(expected) and all(map(is_size, value))):
+                    fail(where, f"{len(expected)} numbers >= 0", value)
+            elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+                if not is_size(value):
+                    fail(where, "a finite number >= 0", value)
+            elif type(value) is not type(expected) or value != expected:
+                fail(where, f"{expected!r}, as the recipe gives", value)
+    required = STATE_KEYS.get(type(optimizer))
+    for param, entries in entry["state"].items():
+        where = f"state.{param}"
+        if int(param) >= len(params):
+            fail("state", f"parameter numbers below {len(params)}", param)
+        amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+        if required is not None and set(entries) != required | ({"max_exp_avg_sq"} if amsgrad and "step" in required else set()):
+            fail(where, f"the keys {', '.join(sorted(required))}", sorted(entries))
+        shape = tuple(params[int(param)].shape)
+        for key, item in entries.items():
+            if "value" in item:
+                value = item["value"]
+                if key == "step" and is_size(value) or key == "momentum_buffer" and value is None:
+                    continue
+                fail(f"{where}.{key}", "a tensor" if key != "step" else "a number of steps", value)
+            tensor = state.tensors[item["tensor"]]
+            expected_shape = () if key == "step" else shape
+            if not tensor.is_floating_point() or tuple(tensor.shape) != expected_shape:
+                raise CheckpointError(
+                    f"{state.path}: optimizer '{name}' {where}.{key} (tensor {item['tensor']}) has "
+                    f"{tensor.dtype} of shape {tuple(tensor.shape)}, the parameter it belongs to needs a floating "
+                    f"tensor of shape {expected_shape}")
+
+
+def is_size(value: Any) -> bool:
+    """A finite number >= 0 (a learning rate, a beta, a step count) that fits a float, not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0  # an int of 400 digits overflows float()
+    except OverflowError:
+        return False
 
 
 def optimizer_state_dict(entry: dict, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:

@@ -21,10 +21,16 @@ MISSING = dataclasses.MISSING
 
 
 class Problems:
-    """An accumulator of 'path: message' strings."""
+    """An accumulator of 'path: message' strings.
 
-    def __init__(self) -> None:
+    ``context`` is what checks may consult beyond the value itself: for recipes, the
+    registries of objectives, layers and datasets, passed in by the caller rather than looked
+    up from inside a check (so validation depends on no global state and imports no plugin).
+    """
+
+    def __init__(self, context: Any = None) -> None:
         self.items: list[str] = []
+        self.context = context
 
     def add(self, path: str, message: str) -> None:
         """Record one problem at ``path``."""
@@ -117,7 +123,7 @@ def convert(hint: Any, value: Any, path: str, problems: Problems) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         for option in options:
-            trial = Problems()
+            trial = Problems(problems.context)
             result = convert(option, value, path, trial)
             if not trial:
                 return result
@@ -213,7 +219,8 @@ def yaml_key(field: dataclasses.Field) -> str:
 def to_plain(obj: Any) -> Any:
     """A dataclass tree as plain dicts and lists, for YAML and JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {yaml_key(f): to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # Fields outside __init__ are derived (e.g. a block's built objective config), not YAML.
+        return {yaml_key(f): to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, list):
         return [to_plain(x) for x in obj]
     if isinstance(obj, dict):

@@ -24,10 +24,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from layerwise.graph import Graph
+from layerwise.factory import network_from_recipe, parse_recipe
+from layerwise.graph import Network
 from layerwise.objectives.base import LossContext
 from layerwise.plugins import FAILED, plugin_manager, register_plugin, registries
-from layerwise.recipe import parse_recipe
 from layerwise.trainer import Trainer
 
 NUM_CLASSES = 10
@@ -56,7 +56,7 @@ def use_plugin(plugin: Any, name: str | None = None) -> Iterator[None]:
 
 
 def tiny_graph(objective: str, options: dict[str, Any] | None = None, *, layer: str = "linear",
-               seed: int = 0) -> tuple[Graph, Trainer]:
+               seed: int = 0) -> tuple[Network, Trainer]:
     """A float64 network ``bp0 -> local1 -> bp2 -> head`` whose ``local1`` uses ``objective``.
 
     ``layer`` is ``linear`` (input 1x4x4) or ``conv2d`` (input 1x6x6, so that ``local1``
@@ -84,8 +84,8 @@ def tiny_graph(objective: str, options: dict[str, Any] | None = None, *, layer: 
         f"check_objective({objective!r})",
     )
     torch.manual_seed(seed)
-    graph = Graph(recipe, INPUT_SHAPES[layer], NUM_CLASSES).double()
-    return graph, Trainer(graph, recipe, NUM_CLASSES)
+    graph = network_from_recipe(recipe, INPUT_SHAPES[layer], NUM_CLASSES).double()
+    return graph, Trainer.from_recipe(graph, recipe)
 
 
 def random_batch(input_shape: tuple[int, ...], batch: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,9 +129,9 @@ def check_objective(name: str, options: dict[str, Any] | None = None, *, plugin:
     return metrics
 
 
-def check_routing(graph: Graph, x: torch.Tensor, y: torch.Tensor) -> None:
+def check_routing(graph: Network, x: torch.Tensor, y: torch.Tensor) -> None:
     """Compare every ``.grad`` with ``torch.autograd.grad`` of the one loss allowed to reach it."""
-    out = graph(x)
+    out = graph.run(x)
     ctx = LossContext(x=x, y=y, num_classes=NUM_CLASSES, block_input=out.inputs[LOCAL_BLOCK])
     z = out.outputs[LOCAL_BLOCK]
     loss, metrics = graph.blocks[LOCAL_BLOCK].objective.loss(z, ctx)

@@ -7,8 +7,10 @@ complete epoch. Every epoch ends by writing the resume state (the commit point, 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,14 @@ from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
 from layerwise.data import BatchStream, load_split
 from layerwise.distributed import STOP_CHECK_EVERY, Group, joined
 from layerwise.errors import CheckpointError, LayerwiseError, NonFiniteError, TrainingInterrupted
-from layerwise.graph import Graph
+from layerwise.factory import dataset_spec, load_recipe, network_from_recipe
+from layerwise.graph import Network
 from layerwise.interrupt import StopOnInterrupt
-from layerwise.plugins import registries
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
-from layerwise.recipe import Recipe, load_recipe, parse_recipe
+from layerwise.recipe import Recipe
 from layerwise.resume import STATE_FILE, ResumeState, first_difference, load_state, restore_state, save_state
-from layerwise.runs import METRICS_FILE, MetricsLog, check_writable, create_run_dir, read_metrics, write_run_files
+from layerwise.runs import (METRICS_FILE, MetricsLog, check_unlocked, check_writable, create_run_dir, file_signature,
+                            lock_run, read_metrics)
 from layerwise.trainer import Trainer, evaluate, resolve_device
 
 
@@ -36,7 +39,7 @@ class Session:
 
     recipe: Recipe
     device: torch.device
-    graph: Graph
+    graph: Network
     trainer: Trainer
     train_stream: BatchStream
     test_stream: BatchStream
@@ -68,13 +71,13 @@ def train_recipe(
         session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
-        run = create_run_dir(runs_root, recipe)
-        write_run_files(run, recipe, session.device)
-        if not quiet:
-            processes = f" in {group.world} processes" if group is not None else ""
-            stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
-                         f"{session.device}{processes}; run folder {run}")
-        return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
+        run, lock = create_run_dir(runs_root, recipe, session.device)  # locked: no resume may write it meanwhile
+        with lock:
+            if not quiet:
+                processes = f" in {group.world} processes" if group is not None else ""
+                stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
+                             f"{session.device}{processes}; run folder {run}")
+            return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
 
 
 def resume_run(
@@ -95,9 +98,12 @@ def resume_run(
     """
     run = run_folder_to_resume(run_dir)
     recipe = load_recipe(run / "recipe.yaml")
-    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group:
-        state = load_run_state(run, recipe)
+    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group, contextlib.ExitStack() as held:
         rank = 0 if group is None else group.rank
+        if rank == 0:
+            check_unlocked(run)  # another process trains it: say so before anything else
+        signature = file_signature(run / STATE_FILE)  # taken before the read: a later write is noticed below
+        state = load_run_state(run, recipe)
         if rank == 0:
             check_writable(run)
         session = prepare(recipe, data_root, group)
@@ -105,7 +111,14 @@ def resume_run(
             torch.manual_seed(recipe.seed + rank + 1_000_003 * state.epoch)  # a stream no other rank uses
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [state.record] if state is not None else [], False, True)
-        remove_stale_temporaries(run)  # left by writes that a kill cut short
+        # Every check has passed, and nothing has changed in the folder: only now is it locked (a
+        # refused command must not even add the lock file), and from here on it changes.
+        lock = held.enter_context(lock_run(run))
+        if file_signature(run / STATE_FILE) != signature:
+            raise CheckpointError(f"{run}: another process saved an epoch in this run folder while the resume was "
+                                  f"starting; run the command again")
+        lock.record_pid()
+        remove_stale_temporaries(run)  # left by writes that a kill cut short (the lock says none is running)
         log = MetricsLog(run / METRICS_FILE)
         history: list[dict] = []
         if state is not None:
@@ -152,11 +165,10 @@ def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:
         if (run / WEIGHTS_FILE).exists():
             raise CheckpointError(f"{run}: has {WEIGHTS_FILE} but no {STATE_FILE} (a run from before resume "
                                   f"support?), so it cannot continue exactly; start a new run with: "
-                                  f"layerwise train {run / 'recipe.yaml'}")
+                                  f"layerwise train {shlex.quote(str(run / 'recipe.yaml'))}")
         return None
     state = load_state(path)
-    saved = parse_recipe(state.recipe, f"{path} (embedded recipe)").to_dict()
-    difference = first_difference(saved, recipe.to_dict())
+    difference = first_difference(state.recipe, recipe.to_dict())  # load_state validated it
     if difference is not None:
         raise CheckpointError(f"{path}: was saved for another recipe than {run / 'recipe.yaml'} (they differ at "
                               f"{difference}); a resume continues the recipe its run started with, so restore "
@@ -172,7 +184,7 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
     The last incomplete batch is dropped so that every share has the same size.
     """
     device = resolve_device(recipe.train.device) if group is None else group.device
-    spec = registries().datasets.get(recipe.data.dataset)
+    spec = dataset_spec(recipe)
     train_images, train_labels = load_split(spec, "train", data_root)
     test_images, test_labels = load_split(spec, "test", data_root)
     if recipe.data.train_limit is not None:
@@ -190,10 +202,10 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
                              f"samples; with several processes the incomplete last batch is dropped, so none would be left")
 
     torch.manual_seed(recipe.seed)
-    graph = Graph(recipe, spec.shape, spec.num_classes).to(device)
+    graph = network_from_recipe(recipe, spec.shape, spec.num_classes).to(device)
     if group is not None:
         group.broadcast_module(graph)
-    trainer = Trainer(graph, recipe, spec.num_classes, group=group)
+    trainer = Trainer.from_recipe(graph, recipe, group=group)
     if group is not None and group.rank:
         # Dropout draws from this generator: without a stream of its own, every rank's share
         # would get the same masks. (Rank 0 keeps the seed's stream.)
@@ -294,7 +306,7 @@ def run_epochs(
 def resume_command(run: Path, group: Group | None) -> str:
     """The command that continues ``run``, in as many processes as it had."""
     processes = f" --nproc {group.world}" if group is not None else ""
-    return f"layerwise train --resume {run}{processes}"
+    return f"layerwise train --resume {shlex.quote(str(run))}{processes}"  # a path may hold spaces or ;$()
 
 
 def interrupted_message(run: Path, epoch: int, saved: int, group: Group | None = None) -> str:

@@ -1,6 +1,6 @@
 """The trainer: one forward pass per batch, and each loss routed to the parameters it may train.
 
-Routing (DESIGN.md section 2):
+Routing (docs/design.md, section 2):
 1. a local objective's loss reaches only its own block (and the objective's helper modules):
    ``loss.backward(inputs=block_params)``;
 2. the global cross-entropy reaches only unfrozen ``none`` blocks:
@@ -17,6 +17,7 @@ the optimizers step; :mod:`layerwise.distributed` explains why that equals one p
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,11 +26,12 @@ import torch
 from torch import nn
 
 from layerwise.distributed import Group, use_global_batch_norm
-from layerwise.errors import LayerwiseError, TrainingInterrupted
-from layerwise.graph import Graph
+from layerwise.errors import LayerwiseError, RecipeError, TrainingInterrupted
+from layerwise.graph import Network
 from layerwise.nonfinite import Key, NonFiniteWatch
 from layerwise.objectives.base import KernelCache, LossContext
-from layerwise.recipe import OptimizerConfig, Recipe
+from layerwise.recipe import OptimizerConfig, Recipe, TrainConfig
+from layerwise.schema import Problems, build
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,6 +41,35 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise LayerwiseError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device(name)
+
+
+def optimizer_config(value: OptimizerConfig | dict | None, key: str) -> OptimizerConfig:
+    """An optimizer config from a recipe's, or from a dict validated exactly like a recipe's
+    ``optim.local``/``optim.global`` (same messages, with ``key`` as the key path)."""
+    if value is None:
+        return OptimizerConfig()
+    if isinstance(value, OptimizerConfig):
+        return value
+    problems = Problems()
+    config = build(OptimizerConfig, value, key, problems)
+    if problems:
+        raise RecipeError("Trainer", problems.items)
+    return config
+
+
+def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` on ``device`` from a batch ``(x, y)`` or ``(x, y, idx)`` (a DataLoader's or a
+    :class:`~layerwise.data.BatchStream`'s)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+        raise LayerwiseError(f"expected batches of (inputs, labels), found {type(batch).__name__}"
+                             f"{f' of length {len(batch)}' if isinstance(batch, (tuple, list)) else ''}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise LayerwiseError(f"expected batches of tensors, found ({type(x).__name__}, {type(y).__name__})")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.dim() != 1 or len(y) != len(x):
+        raise LayerwiseError(f"expected integer class labels of shape ({len(x)},), found {y.dtype} of shape "
+                             f"{tuple(y.shape)}")
+    return x.to(device, non_blocking=True), y.to(device, torch.int64, non_blocking=True)
 
 
 def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -113,30 +144,80 @@ class StepResult:
 
 
 class Trainer:
-    """Trains a :class:`Graph` with one optimizer per local block and one for the rest."""
+    """Trains a :class:`~layerwise.graph.Network` with one optimizer per local block and one
+    for the backprop blocks.
 
-    def __init__(self, graph: Graph, recipe: Recipe, num_classes: int, nonfinite_check_every: int | None = None,
+    ``local_optim`` and ``global_optim`` are optimizer settings as in a recipe's ``optim``
+    (``{"name": "adam", "lr": 1e-3}``; defaults: Adam at 1e-3). ``on_nonfinite``, ``free_early``
+    and ``precision`` are a recipe's ``train`` keys. A network that has not seen its input shape
+    yet is built, and the optimizers made, on the first batch.
+    """
+
+    def __init__(self, graph: Network, local_optim: OptimizerConfig | dict | None = None,
+                 global_optim: OptimizerConfig | dict | None = None, *, on_nonfinite: str = "stop",
+                 free_early: bool = True, precision: str = "fp32", nonfinite_check_every: int | None = None,
                  group: Group | None = None):
+        if not isinstance(graph, Network):
+            raise LayerwiseError(f"Trainer: expected a layerwise.Network, found {type(graph).__name__}")
+        options = build(TrainConfig, {"on_nonfinite": on_nonfinite, "free_early": free_early,
+                                      "precision": precision}, "", problems := Problems())
+        if problems:
+            raise RecipeError("Trainer", problems.items)
         self.graph = graph
         self.group = group  # None: one process
+        self.local_optim = optimizer_config(local_optim, "local_optim")
+        self.global_optim = optimizer_config(global_optim, "global_optim")
+        self.free_early = options.free_early
+        self.bf16 = options.precision == "bf16"
+        self.on_nonfinite = options.on_nonfinite
+        self.nonfinite_check_every = nonfinite_check_every
+        self.ready = False
+        if graph.materialized:
+            self.set_up()
+
+    @classmethod
+    def from_recipe(cls, graph: Network, recipe: Recipe, *, group: Group | None = None,
+                    nonfinite_check_every: int | None = None) -> "Trainer":
+        """The trainer a recipe's ``optim`` and ``train`` sections describe."""
+        return cls(graph, recipe.optim.local, recipe.optim.global_, on_nonfinite=recipe.train.on_nonfinite,
+                   free_early=recipe.train.free_early, precision=recipe.train.precision,
+                   nonfinite_check_every=nonfinite_check_every, group=group)
+
+    def set_up(self) -> None:
+        """Sort the parameters by the loss that trains them and make the optimizers (once)."""
+        graph, group = self.graph, self.group
         if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
             use_global_batch_norm(graph)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
         self.objective_params = [p for block in graph.local_blocks() for p in block.objective.parameters()]
-        self.num_classes = num_classes
+        self.num_classes = graph.num_classes
         self.local_params = {
-            block.config.name: [p for p in block.parameters() if p.requires_grad] for block in graph.local_blocks()
+            block.name: [p for p in block.parameters() if p.requires_grad] for block in graph.local_blocks()
         }
         self.local_optimizers = {
-            name: make_optimizer(recipe.optim.local, params) for name, params in self.local_params.items() if params
+            name: make_optimizer(self.local_optim, params) for name, params in self.local_params.items() if params
         }
         self.global_params = graph.global_parameters()
-        self.global_optimizer = make_optimizer(recipe.optim.global_, self.global_params) if self.global_params else None
-        self.free_early = recipe.train.free_early
+        self.global_optimizer = make_optimizer(self.global_optim, self.global_params) if self.global_params else None
         self.global_through = graph.global_gradient_blocks()
-        self.bf16 = recipe.train.precision == "bf16"
         device = next(graph.parameters(), torch.zeros(())).device
-        self.watch = NonFiniteWatch(recipe.train.on_nonfinite, device, self.explain, nonfinite_check_every)
+        self.watch = NonFiniteWatch(self.on_nonfinite, device, self.explain, self.nonfinite_check_every)
+        self.ready = True
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's weights are (the CPU before the first batch of a lazy network)."""
+        return next((p.device for p in self.graph.parameters()
+                     if not isinstance(p, nn.parameter.UninitializedTensorMixin)), torch.device("cpu"))
+
+    def prepare_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` on the network's device; a lazy network is built (and the optimizers made) here."""
+        if not self.ready:
+            x = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+            if isinstance(x, torch.Tensor):
+                self.graph.materialize(x.shape[1:], self.device, x.dtype if x.is_floating_point() else None)
+            self.set_up()
+        return batch_tensors(batch, self.device)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Every optimizer by a stable name (``global`` or ``local.<block>``), for checkpoints."""
@@ -161,7 +242,7 @@ class Trainer:
             # (torch.linalg.vector_norm(z, inf) reads the same but is 15 times slower on the CPU)
             result.watch((name, "output"), z.detach().abs().amax())
             block = self.graph.blocks[name]
-            if not block.local or block.config.freeze:
+            if not block.local or block.freeze:
                 return z
             ctx.block_input = block_input
             z_loss = z
@@ -187,7 +268,7 @@ class Trainer:
             return z if keep else z.detach()
 
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.graph(x, on_output=train_block).logits
+            logits = self.graph.run(x, on_output=train_block).logits
         # The loss in at least float32: bf16 logits would round the cross-entropy coarsely.
         logits_float = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if group is None:
@@ -226,6 +307,7 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One training step on a batch; a non-finite batch stops training or, with
         ``train.on_nonfinite: skip``, leaves every optimizer unstepped (see :mod:`layerwise.nonfinite`)."""
+        x, y = self.prepare_batch((x, y))
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
         result = self.compute_gradients(x, y)
@@ -255,18 +337,28 @@ class Trainer:
         epoch: int | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> dict:
-        """Train on every batch of ``batches`` (yielding ``(x, y, idx)``); return the epoch's summary.
+        """Train on every batch of ``batches`` (any iterable of ``(x, y)``, such as a DataLoader, or
+        of ``(x, y, idx)``); return the epoch's summary: training accuracy, mean global loss, and
+        each local block's mean metrics.
 
         ``should_stop`` is asked before each batch; when it says yes, :class:`TrainingInterrupted`
         is raised at that batch boundary (Ctrl-C). ``epoch`` labels error messages.
         """
         self.graph.train()
+        if not self.ready:  # the watch exists once the network is built, on the first batch
+            batches = iter(batches)
+            first = next(batches, None)
+            if first is None:
+                raise LayerwiseError("train_epoch: the batches are empty")
+            self.prepare_batch(first)
+            batches = itertools.chain([first], batches)
         self.watch.start_epoch(epoch)
         totals = EpochTotals()
         done = 0
-        for x, y, _ in batches:
+        for batch in batches:
             if should_stop is not None and should_stop():
                 raise TrainingInterrupted(f"stopped after batch {done} of epoch {epoch}")
+            x, y = self.prepare_batch(batch)
             totals.add(self.step(x, y), y)
             done += 1
             if on_batch is not None:
@@ -284,17 +376,24 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(graph: Graph, batches, on_batch: Callable[[], None] | None = None) -> dict:
-    """Accuracy and mean cross-entropy of the head over ``batches``."""
+def evaluate(graph: Network, batches, on_batch: Callable[[], None] | None = None) -> dict:
+    """Accuracy and mean cross-entropy of the head over ``batches`` (``(x, y)`` or ``(x, y, idx)``)."""
     graph.eval()
     correct: torch.Tensor | int = 0  # sums stay on the model's device: one host read at the end
     loss_sum: torch.Tensor | float = 0.0
     samples = 0
-    for x, y, _ in batches:
-        logits = graph(x).logits
+    device: torch.device | None = None
+    for batch in batches:
+        if device is None:
+            device = next((p.device for p in graph.parameters()
+                           if not isinstance(p, nn.parameter.UninitializedTensorMixin)), torch.device("cpu"))
+        x, y = batch_tensors(batch, device)
+        logits = graph(x)
         correct = correct + (logits.argmax(dim=1) == y).sum()
         loss_sum = loss_sum + nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum")
         samples += y.shape[0]
         if on_batch is not None:
             on_batch()
-    return {"acc": int(correct) / max(samples, 1), "loss": float(loss_sum) / max(samples, 1)}
+    if not samples:
+        raise LayerwiseError("nothing to evaluate: the batches are empty")
+    return {"acc": int(correct) / samples, "loss": float(loss_sum) / samples}

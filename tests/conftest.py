@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+
 import pytest
 
-from tests.helpers import SHARED_DATA, CliResult
+from tests.helpers import SHARED_DATA, CliResult, real_mnist_present
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +18,7 @@ def private_data_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def mnist_available():
     """Skip unless real MNIST is beside the repository (as in CI: ../shared/data)."""
-    if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
+    if not real_mnist_present():
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")
 
 

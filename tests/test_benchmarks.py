@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+
 import pytest
 
 from tests.helpers import REPO
@@ -29,7 +30,8 @@ def test_docs_quote_the_current_measured_tables():
                                          ("sensitivity", "sigma5/beta100")])
 def test_each_study_runs_tiny_and_resumes(tmp_path, mnist_available, study, only, monkeypatch):
     reproduce = load("reproduce")
-    args = [study, "--tiny", "--seeds", "0", "--only", only, "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    args = [study, "--tiny", "--seeds", "0", "--only", only, "--out", str(tmp_path),
+            "--runs-dir", str(tmp_path / "runs")]
     reproduce.main(args)
     state = json.loads((tmp_path / f"{study}.json").read_text())
     assert len(state["records"]) == 1

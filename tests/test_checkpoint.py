@@ -12,15 +12,16 @@ from safetensors import safe_open
 
 from layerwise.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from layerwise.errors import CheckpointError, LayerwiseError
-from layerwise.graph import Graph
-from layerwise.recipe import parse_recipe
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
+from layerwise.factory import parse_recipe
 from tests.helpers import tiny_recipe
 
 
 def trained_graph(data=None):
     recipe = parse_recipe(data or tiny_recipe(), "tiny")
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 28, 28), 10)
+    graph = network_from_recipe(recipe, (1, 28, 28), 10)
     with torch.no_grad():  # move batch-norm-free weights off their init so a fresh graph differs
         for p in graph.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -35,7 +36,7 @@ def test_round_trip_restores_identical_predictions(tmp_path):
     x = torch.randn(5, 1, 28, 28)
     graph.eval()
     rebuilt.eval()
-    assert torch.equal(graph(x).logits, rebuilt(x).logits)
+    assert torch.equal(graph(x), rebuilt(x))
     assert ckpt.epoch == 3
     assert ckpt.recipe == recipe
 
@@ -79,10 +80,11 @@ def test_checkpoint_of_another_recipe_names_the_mismatch(tmp_path):
     save_checkpoint(path, graph, recipe, epoch=1, metrics={})
     other = tiny_recipe()
     other["model"]["subnetworks"][0]["blocks"][1]["out"] = 24
-    other_graph = Graph(parse_recipe(other, "other"), (1, 28, 28), 10)
+    other_graph = network_from_recipe(parse_recipe(other, "other"), (1, 28, 28), 10)
     from layerwise.checkpoint import load_weights
 
-    with pytest.raises(CheckpointError, match=r"blocks\.bp1\.body\.0\.weight has shape \(16, 32\), the recipe needs \(24, 32\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"blocks\.bp1\.body\.0\.weight has shape \(16, 32\), the network needs \(24, 32\)"):
         load_weights(other_graph, load_checkpoint(path).tensors, path)
 
 

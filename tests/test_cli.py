@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from layerwise.shipped import shipped_recipes
+from tests.helpers import assert_one_line_error
 
 COMMANDS = [[], ["train"], ["eval"], ["validate"], ["recipes"], ["recipes", "ls"], ["recipes", "cp"], ["plugins"],
             ["new-plugin"]]
@@ -28,15 +29,6 @@ def test_validate_a_shipped_recipe_by_path_and_by_name(cli):
     for result in (by_path, by_name):
         assert result.code == 0, result.err
         assert "ok" in result.out and "local blocks: hsic1, hsic2" in result.out
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.code == 2
-    assert "Traceback" not in result.err + result.out
-    text = " ".join(result.err.split())  # undo any wrapping
-    assert text.startswith("error:"), result.err
-    for fragment in fragments:
-        assert fragment in text, text
 
 
 def test_validate_reports_every_problem_without_traceback(cli, tmp_path):

@@ -12,8 +12,7 @@ import torch
 
 from layerwise import data
 from layerwise.errors import DataError
-
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from tests.helpers import SHARED_DATA
 
 
 def spec_named(name: str) -> data.DatasetSpec:
@@ -75,7 +74,7 @@ def test_cifar_reader_on_three_records(tmp_path):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = [7, 0, 9]
     records = b"".join(
-        bytes([label]) + bytes(image.flatten().tolist()) for label, image in zip(labels, images)
+        bytes([label]) + bytes(image.flatten().tolist()) for label, image in zip(labels, images, strict=True)
     )
     (tmp_path / "test_batch.bin").write_bytes(records)
     decoded_images, decoded_labels = data.read_cifar_batches([tmp_path / "test_batch.bin"])
@@ -300,7 +299,7 @@ def test_stream_noise_fixed_for_eval_and_fresh_for_training():
 
     def by_index(epoch):
         training.set_epoch(epoch)
-        rows = {i: x for xb, _, idx in training for i, x in zip(idx.tolist(), xb)}
+        rows = {i: x for xb, _, idx in training for i, x in zip(idx.tolist(), xb, strict=True)}
         return torch.stack([rows[i] for i in range(10)])
 
     assert not torch.equal(by_index(0), by_index(1))

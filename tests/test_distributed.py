@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -28,57 +27,25 @@ from safetensors.torch import load_file
 
 from layerwise import distributed
 from layerwise.distributed import Group
-from layerwise.graph import Graph
-from layerwise.recipe import parse_recipe
-from layerwise.trainer import Trainer
-from tests.helpers import REPO, tiny_recipe
-
-pytestmark = pytest.mark.integration
-
-INPUT_SHAPE = (1, 4, 4)
-NHSIC = {"name": "nhsic", "sigma": 2.0, "beta": 10.0}
-
-
-def mixed_recipe() -> dict:
-    """Every kind of block in one graph: nhsic (cca and cka) before and after backprop blocks, so the
-    global gradient passes through local blocks, the shipped plugins' batch-coupled objectives, and
-    batch-norm over channels (conv) and over features."""
-    blocks = [
-        {"name": "conv", "layer": "conv2d", "out": 2, "kernel_size": 3, "padding": 1, "act": "tanh", "norm": True},
-        {"name": "hsic1", "layer": "linear", "out": 8, "act": "tanh", "objective": NHSIC},
-        {"name": "bp1", "layer": "linear", "out": 8, "act": "tanh"},
-        {"name": "hsic2", "layer": "linear", "out": 8, "act": "tanh", "objective": {**NHSIC, "normalization": "cka"}},
-    ]
-    for plugin, objective in (("layerwise_localce", "localce"), ("layerwise_simmatch", "simmatch")):
-        if importlib.util.find_spec(plugin) is not None:
-            blocks.append({"name": objective, "layer": "linear", "out": 8, "act": "tanh", "objective": objective})
-    blocks += [{"name": "bp2", "layer": "linear", "out": 8, "act": "tanh", "norm": True},
-               {"name": "head", "layer": "linear", "out": 10}]
-    return {"name": "mixed", "data": {"dataset": "mnist"}, "train": {"device": "cpu"},
-            "model": {"subnetworks": [{"name": "s", "blocks": blocks}]}}
-
-
-def float64_trainer(group: Group | None = None) -> tuple[Graph, Trainer]:
-    recipe = parse_recipe(mixed_recipe(), "mixed")
-    torch.manual_seed(0)
-    graph = Graph(recipe, INPUT_SHAPE, 10).double()
-    return graph, Trainer(graph, recipe, 10, group=group)
-
-
-def float64_batch(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(size, *INPUT_SHAPE, dtype=torch.float64, generator=g), torch.arange(size) % 10
-
-
-def gradients(graph: Graph) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in graph.named_parameters() if p.grad is not None}
-
+from tests.helpers import (
+    INPUT_SHAPE,
+    REPO,
+    assert_same_tensors,
+    epochs_in_metrics,
+    finish,
+    float64_batch,
+    float64_trainer,
+    gradients,
+    start_layerwise,
+    tiny_recipe,
+    wait_for,
+)
 
 # Run by torchrun in each rank: its half of the batch, the real trainer, its gradients to a file.
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from layerwise.distributed import Group
-from tests.test_distributed import float64_batch, float64_trainer, gradients
+from tests.helpers import float64_batch, float64_trainer, gradients
 
 dist.init_process_group("gloo")
 group = Group(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
@@ -173,7 +140,7 @@ def test_global_batch_norm_keeps_the_checkpoint_layout():
     assert all(torch.equal(after[k], before[k]) and after[k].dtype == before[k].dtype for k in before)
     # without a process group it is plain batch-norm
     x = torch.randn(6, *INPUT_SHAPE, dtype=torch.float64)
-    assert torch.isfinite(graph(x).logits).all()
+    assert torch.isfinite(graph(x)).all()
 
 
 def test_shards_of_a_stream_make_up_its_batches():
@@ -188,7 +155,7 @@ def test_shards_of_a_stream_make_up_its_batches():
     shards = [data.BatchStream(spec, images, labels, shard=(rank, 4), **options) for rank in range(4)]
     for stream in (whole, *shards):
         stream.set_epoch(2)
-    for (x, y, idx), *parts in zip(whole, *shards):
+    for (x, y, idx), *parts in zip(whole, *shards, strict=True):
         assert [len(part[1]) for part in parts] == [2, 2, 2, 2]
         assert torch.equal(torch.cat([p[0] for p in parts]), x)  # same samples and the same noise
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
@@ -216,6 +183,7 @@ def write_recipe(folder) -> str:
     return str(path)
 
 
+@pytest.mark.integration
 def test_nproc_2_trains_the_model_of_one_process(tmp_path, cli, mnist_available):
     recipe = write_recipe(tmp_path)
     single = cli("train", recipe, "--runs-dir", str(tmp_path / "single"), "--no-progress")
@@ -334,8 +302,6 @@ def dropout_recipe(folder) -> str:
 
 def train_in_2(*args: str, cwd) -> subprocess.Popen:
     """``layerwise train ARGS --nproc 2`` in the background."""
-    from tests.test_reliability import start_layerwise
-
     return start_layerwise("train", *args, "--nproc", "2", "--no-progress", env=subprocess_env(), cwd=cwd)
 
 
@@ -365,9 +331,8 @@ def kill_tree(pid: int) -> None:
                 os.kill(member, sig)
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_in_2_processes_is_bit_identical(tmp_path, mnist_available):
-    from tests.test_reliability import assert_same_tensors, epochs_in_metrics, finish, start_layerwise, wait_for
-
     from layerwise.resume import STATE_FILE, load_state
 
     recipe = dropout_recipe(tmp_path)

@@ -15,9 +15,9 @@ import yaml
 from layerwise import plugins
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.plugin_commands import add_plugin_commands
-from layerwise.recipe import parse_recipe
+from layerwise.factory import parse_recipe
 from layerwise.testing import check_objective, use_plugin
-from tests.helpers import REPO
+from tests.helpers import PUBLIC_MODULES, REPO
 
 GUIDE = REPO / "docs" / "plugins.md"
 
@@ -78,14 +78,15 @@ def test_the_worked_example_trains_and_keeps_the_contract(fresh_plugins):
 
 def test_the_worked_example_recipe_validates_and_reports_bad_options(fresh_plugins):
     from layerwise.errors import RecipeError
-    from layerwise.graph import Graph
+    from layerwise.factory import network_from_recipe
+    from layerwise.graph import Network
 
     (recipe_text,) = [b for b in code_blocks("yaml") if "name: mnist_prototype" in b]
     data = yaml.safe_load(recipe_text)
     with use_plugin(as_module(worked_example(), "layerwise_prototype"), name="prototype"):
         recipe = parse_recipe(data, "guide")
-        graph = Graph(recipe, (1, 28, 28), 10)
-        assert [b.config.name for b in graph.local_blocks()] == ["proto1"]
+        graph = network_from_recipe(recipe, (1, 28, 28), 10)
+        assert [b.name for b in graph.local_blocks()] == ["proto1"]
         data["model"]["subnetworks"][0]["blocks"][0]["objective"]["temperature"] = 0
         message = "model.subnetworks[0].blocks[0].objective.temperature: must be > 0, found 0"
         assert message in guide_text()
@@ -117,13 +118,14 @@ def snippet_defining(hook: str) -> types.ModuleType:
 
 
 def test_the_layer_snippet_builds_a_network(fresh_plugins):
-    from layerwise.graph import Graph
+    from layerwise.factory import network_from_recipe
+    from layerwise.graph import Network
     from tests.helpers import tiny_recipe
 
     with use_plugin(snippet_defining("layerwise_register_layers"), name="layers-snippet"):
         data = tiny_recipe()
         data["model"]["subnetworks"][0]["blocks"].insert(1, {"name": "ln1", "layer": "layernorm"})
-        graph = Graph(parse_recipe(data, "r"), (1, 28, 28), 10)
+        graph = network_from_recipe(parse_recipe(data, "r"), (1, 28, 28), 10)
         assert graph.shapes["ln1"] == (32,)
 
 
@@ -158,8 +160,6 @@ def test_the_command_snippet_runs_through_the_cli(fresh_plugins, monkeypatch, cl
 
 
 def test_the_guide_lists_the_public_api_the_shipped_plugins_rely_on():
-    from tests.test_plugins import PUBLIC_MODULES
-
     for module in PUBLIC_MODULES:
         assert f"`{module}" in guide_text() or f"from {module} import" in guide_text(), module
 

@@ -13,11 +13,13 @@ import pytest
 import torch
 import yaml
 
-from layerwise.graph import Graph
+from layerwise.factory import network_from_recipe
+
+from layerwise.graph import Network
 from layerwise.nonfinite import GPU_CHECK_EVERY
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.objectives.nhsic import NHSIC, NHSICConfig
-from layerwise.recipe import parse_recipe
+from layerwise.factory import parse_recipe
 from layerwise.trainer import Trainer
 from tests.helpers import tiny_recipe
 
@@ -44,13 +46,13 @@ def test_nhsic_on_the_gpu_matches_the_cpu(options):
     torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-6, atol=1e-9)
 
 
-def gpu_trainer(precision: str = "fp32") -> tuple[Graph, Trainer]:
+def gpu_trainer(precision: str = "fp32") -> tuple[Network, Trainer]:
     raw = tiny_recipe()
     raw["train"].update(device="cuda", precision=precision)
     recipe = parse_recipe(raw, "tiny")
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 28, 28), 10).to(CUDA)
-    return graph, Trainer(graph, recipe, 10)
+    graph = network_from_recipe(recipe, (1, 28, 28), 10).to(CUDA)
+    return graph, Trainer.from_recipe(graph, recipe)
 
 
 def test_training_steps_stay_on_the_device_without_host_syncs():
@@ -75,7 +77,7 @@ def test_bf16_precision_trains_on_the_gpu():
     result = trainer.step(x, y)
     assert result.logits.dtype == torch.bfloat16
     assert torch.isfinite(result.block_metrics["hsic1"]["loss"])
-    assert all(not torch.equal(b, p) for b, p in zip(before, graph.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, graph.parameters(), strict=True))
 
 
 @pytest.mark.integration

@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.graph import INPUT, Graph, block_inputs, topological_order
+from layerwise.factory import network_from_recipe
+from layerwise.topology import INPUT, block_inputs, topological_order
 from layerwise.layers import ACTIVATION_MODULES, BUILTIN_LAYERS
 from layerwise.plugins import registries
-from layerwise.recipe import ACTIVATIONS, parse_recipe
+from layerwise.factory import parse_recipe
+from layerwise.recipe import ACTIVATIONS
 
 NUM_CLASSES = 10
 
@@ -30,7 +32,7 @@ def recipe(blocks):
 
 def graph(blocks, input_shape=(1, 4, 4), seed=0):
     torch.manual_seed(seed)
-    return Graph(recipe(blocks), input_shape, NUM_CLASSES)
+    return network_from_recipe(recipe(blocks), input_shape, NUM_CLASSES)
 
 
 def head(**extra):
@@ -73,7 +75,7 @@ def test_block_inputs_default_to_the_previous_block():
             head(),
         ]
     )
-    assert block_inputs(rec.model.blocks()) == {"a": [INPUT], "b": [INPUT, "a"], "head": ["b"]}
+    assert block_inputs((b.name, b.inputs) for b in rec.model.blocks()) == {"a": [INPUT], "b": [INPUT, "a"], "head": ["b"]}
 
 
 def test_skip_ahead_and_merge_by_concatenation():
@@ -90,7 +92,7 @@ def test_skip_ahead_and_merge_by_concatenation():
     assert g.blocks["c"].objective.info.in_shape == (8 + 5 + 16,)
     assert g.shapes == {"input": (16,), "a": (8,), "b": (5,), "c": (6,), "head": (NUM_CLASSES,)}
     x = inputs_of(3, (16,))
-    out = g(x)
+    out = g.run(x)
     torch.testing.assert_close(out.inputs["c"], torch.cat([out.outputs["a"], out.outputs["b"], x], dim=1))
     torch.testing.assert_close(out.inputs["b"], x)
     torch.testing.assert_close(out.inputs["head"], out.outputs["c"])
@@ -217,7 +219,7 @@ def test_linear_on_an_image_flattens():
     assert modules_of(g.blocks["head"], nn.Linear)[0].in_features == 8
     x = inputs_of(3, (1, 4, 4))
     expected = torch.relu(x.reshape(3, 16) @ linear.weight.T + linear.bias)
-    torch.testing.assert_close(g(x).outputs["fc"], expected)
+    torch.testing.assert_close(g.run(x).outputs["fc"], expected)
 
 
 def conv_out(size, kernel, stride, padding):
@@ -252,7 +254,7 @@ def test_conv_pool_flatten_linear_shapes():
     assert modules_of(g.blocks["conv2"], nn.Conv2d)[0].stride == (2, 2)
     assert modules_of(g.blocks["fc"], nn.Linear)[0].in_features == 5 * p2 * p2
     assert modules_of(g.blocks["fc"], nn.BatchNorm1d)[0].num_features == 7
-    out = g(inputs_of(4, (1, 8, 8)))
+    out = g.run(inputs_of(4, (1, 8, 8)))
     for name, shape in g.shapes.items():
         if name != INPUT:
             assert out.outputs[name].shape == (4, *shape)
@@ -322,7 +324,7 @@ def test_every_activation_builds_and_runs(act):
     x = inputs_of(4, (5,))
     (linear,) = modules_of(g.blocks["fc"], nn.Linear)
     pre = x @ linear.weight.T + linear.bias
-    out = g(x)
+    out = g.run(x)
     torch.testing.assert_close(out.outputs["fc"], REFERENCE_ACTIVATIONS[act](pre), rtol=1e-5, atol=1e-6)
     out.logits.sum().backward()
     assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
@@ -360,14 +362,14 @@ def test_every_builtin_layer_builds_and_runs(layer):
     assert g.shapes["blk"] == EXPECTED_SHAPES[layer]
     x = inputs_of(6, (1, 4, 4))
     g.train()
-    out = g(x)
+    out = g.run(x)
     assert out.outputs["blk"].shape == (6, *EXPECTED_SHAPES[layer])
     assert out.logits.shape == (6, NUM_CLASSES) and torch.isfinite(out.logits).all()
     out.logits.sum().backward()
     assert all(p.grad is not None for p in g.blocks["head"].parameters())
     g.eval()
     with torch.no_grad():
-        evaluated = g(x)
+        evaluated = g.run(x)
     assert evaluated.logits.shape == (6, NUM_CLASSES)
 
 
@@ -381,12 +383,12 @@ def test_pooling_flatten_and_dropout_values():
     }
     for layer, expected in cases.items():
         g = graph([{"name": "blk", "layer": layer, "kernel_size": 2}, head()])
-        torch.testing.assert_close(g(x).outputs["blk"], expected)
+        torch.testing.assert_close(g.run(x).outputs["blk"], expected)
     g = graph([{"name": "blk", "layer": "dropout", "p": 0.5}, head()])
     g.eval()
-    torch.testing.assert_close(g(x).outputs["blk"], x)
+    torch.testing.assert_close(g.run(x).outputs["blk"], x)
     g.train()
-    dropped = g(torch.ones(64, 1, 4, 4)).outputs["blk"]
+    dropped = g.run(torch.ones(64, 1, 4, 4)).outputs["blk"]
     assert set(dropped.unique().tolist()) == {0.0, 2.0}
 
 
@@ -395,7 +397,7 @@ def test_batchnorm_layer_normalises_per_channel_in_training():
     assert modules_of(g.blocks["bn"], nn.BatchNorm2d)[0].num_features == 2
     x = inputs_of(8, (2, 3, 3)) * 3 + 1
     g.train()
-    y = g(x).outputs["bn"]
+    y = g.run(x).outputs["bn"]
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
     flat = graph([{"name": "bn", "layer": "batchnorm"}, head()], input_shape=(5,))
     assert modules_of(flat.blocks["bn"], nn.BatchNorm1d)[0].num_features == 5
@@ -426,7 +428,7 @@ def test_objectives_are_attached_per_block():
         (1, 4, 4),
         NUM_CLASSES,
     )
-    assert [b.config.name for b in g.local_blocks()] == ["h"]
+    assert [b.name for b in g.local_blocks()] == ["h"]
     assert {id(p) for p in g.global_parameters()} == {
         id(p) for name in ("bp", "head") for p in g.blocks[name].parameters()
     }

@@ -16,9 +16,9 @@ def trained_run(tmp_path_factory):
     import sys
 
     from layerwise.cli import main
-    from tests.helpers import SHARED_DATA
+    from tests.helpers import SHARED_DATA, real_mnist_present
 
-    if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
+    if not real_mnist_present():
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")
     runs = tmp_path_factory.mktemp("runs")
     argv = sys.argv

@@ -22,11 +22,12 @@ from torch import nn
 
 from layerwise import hookimpl, plugins
 from layerwise.errors import LayerwiseError
-from layerwise.graph import Graph
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
 from layerwise.objectives.base import Objective
-from layerwise.recipe import parse_recipe
+from layerwise.factory import parse_recipe
 from layerwise.testing import check_objective, use_plugin
-from tests.helpers import REPO, tiny_recipe
+from tests.helpers import PUBLIC_MODULES, REPO, local_objectives, tiny_recipe
 
 PLUGIN_DIRS = sorted(path for path in (REPO / "plugins").iterdir() if (path / "pyproject.toml").is_file())
 
@@ -296,9 +297,9 @@ def test_hook_layerwise_register_layers_adds_a_layer_with_inferred_shapes(fresh_
     with use_plugin(plugin, name="scale-plugin"):
         data = tiny_recipe()
         data["model"]["subnetworks"][1]["blocks"].insert(0, {"name": "scaled", "layer": "scale"})
-        graph = Graph(parse_recipe(data, "r.yaml"), (1, 28, 28), 10)
+        graph = network_from_recipe(parse_recipe(data, "r.yaml"), (1, 28, 28), 10)
         assert graph.shapes["scaled"] == (16,)
-        assert graph(torch.zeros(3, 1, 28, 28)).logits.shape == (3, 10)
+        assert graph(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
         assert rows_by_name(cli)["scale-plugin"]["layers"] == ["scale"]
 
 
@@ -399,10 +400,6 @@ def test_builtin_commands_never_load_plugin_commands():
 
 # ---------------------------------------------------------------- the shipped plugins
 
-PUBLIC_MODULES = {"layerwise", "layerwise.objectives.base", "layerwise.errors", "layerwise.testing",
-                  "layerwise.data"}
-
-
 @pytest.mark.parametrize("plugin_dir", PLUGIN_DIRS, ids=lambda p: p.name)
 def test_shipped_plugins_use_only_the_public_api(plugin_dir):
     for path in plugin_dir.rglob("*.py"):
@@ -436,15 +433,13 @@ def test_shipped_plugins_are_installed_and_covered_by_the_routing_tests(entry, d
         importlib.metadata.distribution(dist)
     except importlib.metadata.PackageNotFoundError:
         pytest.fail(f"{dist} is not installed: run make install (pip install -e plugins/{dist} --no-deps)")
-    from tests.test_routing import LOCAL_OBJECTIVES
-
     assert plugins.registries().objectives.owner(entry) == entry
-    assert entry in LOCAL_OBJECTIVES
+    assert entry in local_objectives()
 
 
 @pytest.mark.parametrize("recipe", ["mnist_localce", "mnist_simmatch"])
 def test_plugin_recipes_use_their_plugins(recipe):
-    from layerwise.recipe import load_recipe
+    from layerwise.factory import load_recipe
     from layerwise.shipped import shipped_recipes
 
     loaded = load_recipe(shipped_recipes()[recipe])

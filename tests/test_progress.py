@@ -22,7 +22,7 @@ def test_each_metric_any_objective_reports_gets_a_column():
     text = console.export_text()
     for title in ("local loss", "nHSIC (Z,X)", "nHSIC (Z,Y)", "local acc", "sim"):
         assert title in text
-    assert "0.8" in text and "0.04" in text
+    assert "80.00%" in text and "0.04" in text  # an accuracy as a percentage, like train and test acc
 
 
 def test_the_table_fits_an_80_column_pipe_without_cutting_titles():

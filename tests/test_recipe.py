@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.graph import Graph
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
 from layerwise.plugins import registries
-from layerwise.recipe import load_recipe, parse_recipe
+from layerwise.factory import load_recipe, parse_recipe
 from layerwise.shipped import shipped_recipes
 from tests.helpers import tiny_recipe
 
@@ -22,7 +23,7 @@ def test_every_shipped_recipe_validates_and_builds(name):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     spec = registries().datasets.get(recipe.data.dataset)
-    graph = Graph(recipe, spec.shape, spec.num_classes)
+    graph = network_from_recipe(recipe, spec.shape, spec.num_classes)
     assert graph.shapes[graph.head] == (spec.num_classes,)
 
 
@@ -79,7 +80,8 @@ def test_wrong_type_and_negative_width_are_reported_together(tmp_path):
     [
         (lambda d: d["model"]["subnetworks"][0]["blocks"][0].update(objective={"name": "nhsci"}),
          r"unknown objective 'nhsci' \(did you mean 'nhsic'\?\)"),
-        (lambda d: d["data"].update(dataset="mnits"), r"data\.dataset: unknown dataset 'mnits' \(did you mean 'mnist'\?\)"),
+        (lambda d: d["data"].update(dataset="mnits"),
+         r"data\.dataset: unknown dataset 'mnits' \(did you mean 'mnist'\?\)"),
         (lambda d: d["model"]["subnetworks"][0]["blocks"][0].update(layer="lienar"),
          r"unknown layer 'lienar' \(did you mean 'linear'\?\)"),
         (lambda d: d["model"]["subnetworks"][0]["blocks"][0].update(act="rleu"),

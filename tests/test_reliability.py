@@ -20,16 +20,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 import layerwise.train_run
 from layerwise.checkpoint import WEIGHTS_FILE, load_checkpoint
 from layerwise.resume import STATE_FILE, load_state
-from tests.helpers import REPO, SHARED_DATA, tiny_recipe
-
-needs_mnist = pytest.mark.skipif(
-    not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists(), reason=f"real MNIST not under {SHARED_DATA}"
+from tests.helpers import (
+    REPO,
+    SHARED_DATA,
+    assert_one_line_error,
+    assert_same_tensors,
+    epochs_in_metrics,
+    finish,
+    real_mnist_present,
+    start_layerwise,
+    tiny_recipe,
+    wait_for,
 )
+
+needs_mnist = pytest.mark.skipif(not real_mnist_present(), reason=f"real MNIST not under {SHARED_DATA}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -50,59 +58,12 @@ def run_folder(runs: Path) -> Path:
     return folder
 
 
-def assert_same_tensors(path_a: Path, path_b: Path) -> None:
-    """Every tensor of two safetensors files is bit-identical (torch.equal), and no name is missing."""
-    a, b = load_file(path_a), load_file(path_b)
-    assert sorted(a) == sorted(b)
-    different = [name for name in a if not torch.equal(a[name], b[name])]
-    assert not different, f"tensors differ: {different}"
-
-
-def epochs_in_metrics(run: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit code 2, no traceback, a last line 'error: ...' holding every fragment; returns it."""
-    assert result.code == 2, (result.code, result.err)
-    assert "Traceback" not in result.err + result.out
-    last = result.err.strip().splitlines()[-1]  # progress lines (the run folder) may come first
-    assert last.startswith("error:"), result.err
-    text = " ".join(last.split())
-    for fragment in fragments:
-        assert fragment in text, text
-    return text
-
-
 # --------------------------------------------------------------------------- subprocesses
 
 
 def subprocess_env(data_cache: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "LAYERWISE_DATA": str(data_cache), "COLUMNS": "200",
             "PYTHONPATH": str(REPO)}
-
-
-def start_layerwise(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    """``python -m layerwise ARGS`` in the background, output captured."""
-    return subprocess.Popen([sys.executable, "-m", "layerwise", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None:
-    """Poll until ``path`` exists (the process must still be running)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"process ended before {path} appeared: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.005)
 
 
 # Long enough epochs (128 batches) that a kill 0.1 s after epoch 1's checkpoint lands in epoch 2.
@@ -131,7 +92,7 @@ class ReferenceRun:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    if not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists():
+    if not real_mnist_present():
         pytest.skip(f"real MNIST not under {SHARED_DATA}")
     # The same decoded-data cache as conftest's autouse fixture, so MNIST is decoded once.
     ref = ReferenceRun(tmp_path_factory.mktemp("reference"), tmp_path_factory.getbasetemp() / "data-cache")
@@ -147,7 +108,6 @@ def resume_in_subprocess(run: Path, reference: ReferenceRun) -> None:
     assert "Traceback" not in err
 
 
-@pytest.mark.integration
 def signal_in_epoch_2(tmp_path: Path, reference: ReferenceRun, sig: signal.Signals) -> tuple[Path, subprocess.Popen]:
     """Start the reference recipe in a new run folder and send ``sig`` just after epoch 1 is saved."""
     runs = tmp_path / "runs"
@@ -159,6 +119,7 @@ def signal_in_epoch_2(tmp_path: Path, reference: ReferenceRun, sig: signal.Signa
     return runs, victim
 
 
+@pytest.mark.integration
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference):
     runs, victim = signal_in_epoch_2(tmp_path, reference, signal.SIGKILL)
     victim.wait()
@@ -200,14 +161,15 @@ def test_sigint_stops_saves_and_prints_the_resume_command(tmp_path, reference):
 WRITER = """
 import sys, torch
 from layerwise.checkpoint import save_checkpoint
-from layerwise.graph import Graph
-from layerwise.recipe import parse_recipe
+from layerwise.factory import network_from_recipe
+from layerwise.graph import Network
+from layerwise.factory import parse_recipe
 from tests.helpers import tiny_recipe
 
 data = tiny_recipe()
 data["model"]["subnetworks"][0]["blocks"][0]["out"] = 4096   # about 13 MB of weights
 recipe = parse_recipe(data, "writer")
-graph = Graph(recipe, (1, 28, 28), 10)
+graph = network_from_recipe(recipe, (1, 28, 28), 10)
 epoch = 0
 while True:
     epoch += 1
@@ -231,7 +193,7 @@ def test_kill_during_checkpoint_writes_keeps_the_previous_one(tmp_path):
         writers.append(subprocess.Popen([sys.executable, "-c", WRITER, str(folder / WEIGHTS_FILE)], env=env,
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     torn = 0
-    for folder, writer in zip(folders, writers):
+    for folder, writer in zip(folders, writers, strict=True):
         try:
             assert writer.stdout.readline().strip() == "1", writer.stderr.read()  # one save has completed
             for _ in range(rng.randint(0, 2)):
@@ -455,16 +417,17 @@ def test_chmod_read_only_run_folder(cli, recipe_file, tmp_path, monkeypatch):
 
 
 def tiny_trainer(check_every: int | None = None, **train):
-    from layerwise.graph import Graph
-    from layerwise.recipe import parse_recipe
+    from layerwise.factory import network_from_recipe
+    from layerwise.graph import Network
+    from layerwise.factory import parse_recipe
     from layerwise.trainer import Trainer
 
     data = tiny_recipe()
     data["train"].update(train)
     recipe = parse_recipe(data, "tiny")
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 28, 28), 10)
-    return Trainer(graph, recipe, 10, nonfinite_check_every=check_every)
+    graph = network_from_recipe(recipe, (1, 28, 28), 10)
+    return Trainer.from_recipe(graph, recipe, nonfinite_check_every=check_every)
 
 
 def random_batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
@@ -572,14 +535,15 @@ def test_a_blown_up_backprop_block_is_blamed_on_the_global_learning_rate():
 def test_tiny_sigma_is_a_named_error_in_both_normalisations(normalization):
     """cca's Cholesky raises on the NaN kernel, cka returns NaN: both end in the same message."""
     from layerwise.errors import NonFiniteError
-    from layerwise.graph import Graph
-    from layerwise.recipe import parse_recipe
+    from layerwise.factory import network_from_recipe
+    from layerwise.graph import Network
+    from layerwise.factory import parse_recipe
     from layerwise.trainer import Trainer
 
     data = tiny_recipe()
     data["model"]["subnetworks"][0]["blocks"][0]["objective"].update(sigma=1e-30, normalization=normalization)
     recipe = parse_recipe(data, "tiny")
-    trainer = Trainer(Graph(recipe, (1, 28, 28), 10), recipe, 10)
+    trainer = Trainer(network_from_recipe(recipe, (1, 28, 28), 10), recipe, 10)
     with pytest.raises(NonFiniteError, match=r"batch 1: .*block 'hsic1' \(objective nhsic\) became nan; "
                                              r"likely cause: sigma 1e-30 too small"):
         trainer.train_epoch(random_batches(1), epoch=1)

@@ -15,21 +15,19 @@ import pytest
 import torch
 from torch import nn
 
-from layerwise.graph import Graph
+from layerwise.factory import network_from_recipe
+
+from layerwise.graph import Network
 from layerwise.objectives.base import LossContext
-from layerwise.plugins import registries
-from layerwise.recipe import parse_recipe
+from layerwise.factory import parse_recipe
 from layerwise.trainer import Trainer
+from tests.helpers import local_objectives
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (1, 4, 4)
 BATCH = 12
 
-LOCAL_OBJECTIVES = [
-    name
-    for name in registries().objectives.names()
-    if name not in ("none", "backprop") and registries().objectives.get(name).local
-]
+LOCAL_OBJECTIVES = local_objectives()
 
 
 def test_local_objectives_include_nhsic():
@@ -55,7 +53,7 @@ def local(name, objective, **extra):
 
 
 def build(blocks, seed=0):
-    """Graph (in float64, for exact comparisons) and Trainer from a list of block specs."""
+    """Network (in float64, for exact comparisons) and Trainer from a list of block specs."""
     subnetworks = [{"name": f"sn{i}", "blocks": blocks[i : i + 2]} for i in range(0, len(blocks), 2)]
     recipe = parse_recipe(
         {
@@ -68,8 +66,8 @@ def build(blocks, seed=0):
         "test",
     )
     torch.manual_seed(seed)
-    graph = Graph(recipe, INPUT_SHAPE, NUM_CLASSES).double()
-    return graph, Trainer(graph, recipe, NUM_CLASSES)
+    graph = network_from_recipe(recipe, INPUT_SHAPE, NUM_CLASSES).double()
+    return graph, Trainer.from_recipe(graph, recipe)
 
 
 def batch(seed=1):
@@ -81,7 +79,7 @@ def batch(seed=1):
 
 def reference_losses(graph, x, y):
     """A fresh forward pass: each local block's loss, and the global cross-entropy."""
-    out = graph(x)
+    out = graph.run(x)
     losses = {}
     for name in graph.order:
         blk = graph.blocks[name]
@@ -94,7 +92,7 @@ def reference_losses(graph, x, y):
 def grads_of(loss, params):
     """d loss / d params, with zeros where the loss does not depend on a parameter."""
     found = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
 
 
 def nonzero(grads) -> bool:
@@ -106,9 +104,9 @@ def params_of(graph, name):
 
 
 def assert_grads(params, expected, what):
-    for index, (p, want) in enumerate(zip(params, expected)):
+    for index, (p, want) in enumerate(zip(params, expected, strict=True)):
         got = torch.zeros_like(p) if p.grad is None else p.grad
-        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=lambda m: f"{what}[{index}]: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10, msg=lambda m, index=index: f"{what}[{index}]: {m}")
 
 
 def check_routing(graph, x, y, untrained=()):
@@ -199,7 +197,7 @@ def test_detach_between_backprop_blocks():
     assert nonzero([p.grad for p in params_of(graph, "bp1")])
     # The forward value is unchanged by detach: only the gradient stops.
     undetached, _ = build([block("bp0"), block("bp1"), head()])
-    torch.testing.assert_close(graph(x).logits, undetached(x).logits, rtol=0, atol=0)
+    torch.testing.assert_close(graph(x), undetached(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("objective", LOCAL_OBJECTIVES)
@@ -329,7 +327,7 @@ def test_one_step_changes_every_unfrozen_block(objective):
     before = {name: [p.detach().clone() for p in graph.blocks[name].parameters()] for name in graph.order}
     result = trainer.step(*batch())
     for name in graph.order:
-        for index, (old, new) in enumerate(zip(before[name], graph.blocks[name].parameters())):
+        for index, (old, new) in enumerate(zip(before[name], graph.blocks[name].parameters(), strict=True)):
             assert not torch.equal(old, new), f"{name} parameter {index} did not change"
     assert set(result.block_metrics) == {"local1", "local2"}
     assert result.logits.shape == (BATCH, NUM_CLASSES)

@@ -14,7 +14,7 @@ import pytest
 from layerwise import plugins
 from layerwise.scaffold import PluginNames
 from layerwise.testing import check_objective, use_plugin
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error
 
 
 def test_new_plugin_writes_a_package_with_entry_point_module_test_and_readme(cli, tmp_path):

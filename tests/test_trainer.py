@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.graph import Graph
-from layerwise.recipe import parse_recipe
+from layerwise.factory import network_from_recipe
+
+from layerwise.graph import Network
+from layerwise.factory import parse_recipe
 from layerwise.trainer import Trainer
 
 NHSIC = {"name": "nhsic", "sigma": 2.0, "beta": 10.0}
@@ -24,8 +26,8 @@ def recipe_for(kinds: list[str], **train) -> dict:
 def build(kinds, dtype=torch.float64, **train):
     recipe = parse_recipe(recipe_for(kinds, **train), "t")
     torch.manual_seed(0)
-    graph = Graph(recipe, (1, 4, 4), 10).to(dtype)
-    return graph, Trainer(graph, recipe, 10)
+    graph = network_from_recipe(recipe, (1, 4, 4), 10).to(dtype)
+    return graph, Trainer.from_recipe(graph, recipe)
 
 
 def batch(dtype=torch.float64):
@@ -60,7 +62,11 @@ def test_free_early_hands_later_blocks_a_detached_input():
     seen = {}
     for free in (True, False):
         graph, trainer = build(["local", "local", "local"], free_early=free)
-        handle = graph.blocks["b1"].register_forward_pre_hook(lambda m, args: seen.__setitem__(free, args[0]))
+
+        def record(module, args, free=free):
+            seen[free] = args[0]
+
+        handle = graph.blocks["b1"].register_forward_pre_hook(record)
         trainer.compute_gradients(*batch())
         handle.remove()
     assert seen[True].grad_fn is None, "b0's graph is not kept alive for b1"

@@ -8,7 +8,6 @@ from torch import nn
 
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.testing import check_objective
-
 from layerwise_localce.objective import LocalCE, LocalCEConfig
 
 
