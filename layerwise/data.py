@@ -171,6 +171,8 @@ def read_idx(path: Path) -> torch.Tensor:
             f"{path} has {len(data)} bytes but its IDX header {dims} implies {expected}; "
             "the file is corrupt, fetch it again"
         )
+    if expected == header_size:  # no values: frombuffer refuses an empty buffer, and load_split says "no samples"
+        return torch.empty(dims, dtype=torch.uint8)
     # bytearray: torch.frombuffer wants a writable buffer; the tensor keeps it alive.
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header_size).reshape(dims)
 

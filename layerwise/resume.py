@@ -36,8 +36,15 @@ import torch
 
 from layerwise.version import __version__
 from layerwise.atomic import write_bytes_atomic
-from layerwise.checkpoint import (embedded_recipe, load_weights, metadata_epoch, metadata_json, one_line,
-                                  read_safetensors, safetensors_with_digest)
+from layerwise.checkpoint import (
+    embedded_recipe,
+    load_weights,
+    metadata_epoch,
+    metadata_json,
+    one_line,
+    read_safetensors,
+    safetensors_with_digest,
+)
 from layerwise.errors import CheckpointError
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
@@ -239,10 +246,10 @@ def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torc
     if saved_names != list(optimizers):
         raise CheckpointError(one_line(f"{state.path}: holds optimizers {saved_names[:6]}, the recipe builds "
                                        f"{list(optimizers)[:6]}"))
-    for entry, optimizer in zip(state.optimizers, optimizers.values()):
+    for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
         check_optimizer(state, entry, optimizer)
     load_weights(graph, state.weights(), state.path)
-    for entry, optimizer in zip(state.optimizers, optimizers.values()):
+    for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
         try:
             optimizer.load_state_dict(optimizer_state_dict(entry, state.tensors, optimizer))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # checked above; torch may still object
@@ -288,7 +295,7 @@ def check_optimizer(state: ResumeState, entry: dict, optimizer: torch.optim.Opti
     if len(entry["param_groups"]) != len(live_groups):
         fail("param_groups", f"{len(live_groups)} group(s)", entry["param_groups"])
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for g, (saved, live) in enumerate(zip(entry["param_groups"], live_groups)):
+    for g, (saved, live) in enumerate(zip(entry["param_groups"], live_groups, strict=True)):
         for key in saved:
             if key not in live:
                 fail(f"param_groups[{g}]", f"only the keys {', '.join(live)}", key)
@@ -311,12 +318,13 @@ def check_optimizer(state: ResumeState, entry: dict, optimizer: torch.optim.Opti
             elif type(value) is not type(expected) or value != expected:
                 fail(where, f"{expected!r}, as the recipe gives", value)
     required = STATE_KEYS.get(type(optimizer))
+    if required is not None and "step" in required and any(g.get("amsgrad") for g in optimizer.param_groups):
+        required = required | {"max_exp_avg_sq"}
     for param, entries in entry["state"].items():
         where = f"state.{param}"
         if int(param) >= len(params):
             fail("state", f"parameter numbers below {len(params)}", param)
-        amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
-        if required is not None and set(entries) != required | ({"max_exp_avg_sq"} if amsgrad and "step" in required else set()):
+        if required is not None and set(entries) != required:
             fail(where, f"the keys {', '.join(sorted(required))}", sorted(entries))
         shape = tuple(params[int(param)].shape)
         for key, item in entries.items():

@@ -10,8 +10,8 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,7 +51,7 @@ class RunLock:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -72,14 +72,16 @@ def lock_run(run: Path, create: bool = True) -> RunLock | None:
             raise LayerwiseError(f"{run}: this run folder no longer exists") from None
         return None
     except OSError as exc:
-        raise LayerwiseError(f"{run}: cannot write in this run folder ({exc.strerror}); its files are untouched") from None
+        raise LayerwiseError(f"{run}: cannot write in this run folder ({exc.strerror}); "
+                             f"its files are untouched") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise LayerwiseError(f"{run}: cannot lock this run folder ({exc.strerror}); its files are untouched") from None
+            raise LayerwiseError(f"{run}: cannot lock this run folder ({exc.strerror}); "
+                                 f"its files are untouched") from None
         pid = f" (pid {holder})" if holder.isdigit() else ""
         raise LayerwiseError(f"{run}: another layerwise process{pid} is training this run folder; wait for it to "
                              f"end or stop it, then resume. Its files are untouched") from None

@@ -130,11 +130,31 @@ def check_objective(name: str, options: dict[str, Any] | None = None, *, plugin:
 
 
 def check_routing(graph: Network, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Compare every ``.grad`` with ``torch.autograd.grad`` of the one loss allowed to reach it."""
+    """Compare every ``.grad`` with ``torch.autograd.grad`` of the one loss allowed to reach it:
+    its block's own loss for a local block, the global cross-entropy for the others. Works on any
+    network whose gradients a :class:`~layerwise.trainer.Trainer` has just computed for ``(x, y)``."""
     out = graph.run(x)
-    ctx = LossContext(x=x, y=y, num_classes=NUM_CLASSES, block_input=out.inputs[LOCAL_BLOCK])
-    z = out.outputs[LOCAL_BLOCK]
-    loss, metrics = graph.blocks[LOCAL_BLOCK].objective.loss(z, ctx)
+    losses = {}
+    for block in graph.local_blocks():
+        ctx = LossContext(x=x, y=y, num_classes=graph.num_classes, block_input=out.inputs[block.name])
+        losses[block.name] = checked_loss(block.objective, out.outputs[block.name], ctx)
+    global_loss = nn.functional.cross_entropy(out.logits, y)
+    for block_name in graph.order:
+        block = graph.blocks[block_name]
+        allowed = losses.get(block_name, global_loss)
+        for key, p in block.named_parameters():
+            want = torch.autograd.grad(allowed, p, retain_graph=True, allow_unused=True)[0]
+            want = torch.zeros_like(p) if want is None else want
+            got = torch.zeros_like(p) if p.grad is None else p.grad
+            expect(torch.allclose(got, want, rtol=1e-7, atol=1e-10),
+                   f"{block_name}.{key}: its gradient is not that of the "
+                   f"{'global' if allowed is global_loss else 'local'} loss alone (largest difference "
+                   f"{float((got - want).abs().max()):.3g})")
+
+
+def checked_loss(objective, z: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """The objective's loss on ``z``, after checking that ``loss()`` keeps its contract."""
+    loss, metrics = objective.loss(z, ctx)
     expect(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"loss() must return a 0-d tensor, got {loss!r}")
     expect(bool(torch.isfinite(loss)), f"loss() returned {loss.detach()}")
     expect(isinstance(metrics, dict) and all(isinstance(k, str) for k in metrics),
@@ -144,18 +164,7 @@ def check_routing(graph: Network, x: torch.Tensor, y: torch.Tensor) -> None:
                f"metric '{key}' must be a detached 0-d tensor (use .detach())")
     from_z = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0]
     expect(from_z is not None and bool(from_z.abs().max() > 0), "the local loss does not depend on the block's output z")
-    global_loss = nn.functional.cross_entropy(out.logits, y)
-    for block_name in graph.order:
-        block = graph.blocks[block_name]
-        allowed = loss if block_name == LOCAL_BLOCK else global_loss
-        for key, p in block.named_parameters():
-            want = torch.autograd.grad(allowed, p, retain_graph=True, allow_unused=True)[0]
-            want = torch.zeros_like(p) if want is None else want
-            got = torch.zeros_like(p) if p.grad is None else p.grad
-            expect(torch.allclose(got, want, rtol=1e-7, atol=1e-10),
-                   f"{block_name}.{key}: its gradient is not that of the "
-                   f"{'local' if allowed is loss else 'global'} loss alone (largest difference "
-                   f"{float((got - want).abs().max()):.3g})")
+    return loss
 
 
 def expect(condition: bool, message: str) -> None:

@@ -28,8 +28,16 @@ from layerwise.interrupt import StopOnInterrupt
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
 from layerwise.recipe import Recipe
 from layerwise.resume import STATE_FILE, ResumeState, first_difference, load_state, restore_state, save_state
-from layerwise.runs import (METRICS_FILE, MetricsLog, check_unlocked, check_writable, create_run_dir, file_signature,
-                            lock_run, read_metrics)
+from layerwise.runs import (
+    METRICS_FILE,
+    MetricsLog,
+    check_unlocked,
+    check_writable,
+    create_run_dir,
+    file_signature,
+    lock_run,
+    read_metrics,
+)
 from layerwise.trainer import Trainer, evaluate, resolve_device
 
 

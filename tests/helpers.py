@@ -186,3 +186,58 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None
             process.kill()
             raise AssertionError(f"{path} did not appear within {timeout}s")
         time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- crafted run folders
+
+
+def make_finished_run(folder: Path, epochs: int = 1) -> Path:
+    """A run folder whose last epoch ended, as training leaves it (recipe.yaml, env.json, eval/,
+    a resume state whose optimizers have stepped once, model.safetensors, metrics.jsonl), made
+    from the tiny recipe without any data."""
+    import torch
+
+    from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
+    from layerwise.factory import build_model, parse_recipe
+    from layerwise.recipe import dump_recipe
+    from layerwise.resume import STATE_FILE, save_state
+    from layerwise.trainer import Trainer
+
+    data = tiny_recipe(train_limit=64)
+    data["train"]["epochs"] = epochs
+    recipe = parse_recipe(data, "tiny")
+    torch.manual_seed(0)
+    graph = build_model(recipe)
+    trainer = Trainer.from_recipe(graph, recipe)
+    trainer.step(torch.rand(8, 1, 28, 28), torch.arange(8))
+    record = {"epoch": epochs, "train_acc": 0.5, "global_loss": 2.0, "blocks": {"hsic1": {"loss": -0.1}},
+              "test_acc": 0.5, "test_loss": 2.0, "train_seconds": 0.1}
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+    (folder / "env.json").write_text("{}\n")
+    (folder / "eval").mkdir()
+    save_state(folder / STATE_FILE, graph, trainer.optimizers(), recipe, epochs, record)
+    save_checkpoint(folder / WEIGHTS_FILE, graph, recipe, epochs, record)
+    (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    return folder
+
+
+def resign(path: Path, metadata: dict | None = None, tensors: dict | None = None) -> None:
+    """Change a safetensors file's metadata or tensors (a value of None deletes the key) and
+    write it with a fresh checksum, as whoever crafts a file can: the checksum catches accidents."""
+    from layerwise.checkpoint import DIGEST_KEY, read_safetensors, safetensors_with_digest
+
+    saved_tensors, saved_metadata = read_safetensors(path, "file")
+    saved_metadata.pop(DIGEST_KEY, None)
+    for saved, changes in ((saved_metadata, metadata), (saved_tensors, tensors)):
+        for key, value in (changes or {}).items():
+            if value is None:
+                saved.pop(key, None)
+            else:
+                saved[key] = value
+    path.write_bytes(safetensors_with_digest(saved_tensors, saved_metadata))
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and folder under ``folder``, hidden ones included."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}

@@ -1,4 +1,5 @@
-"""Fuzzing ``layerwise validate``: malformed recipes and overrides give a clean error, never a traceback.
+"""Fuzzing ``layerwise validate``, ``eval`` and ``train --resume``: malformed recipes, overrides,
+checkpoints and resume states give a clean error, never a traceback.
 
 Hypothesis mutates a valid recipe (deleted keys, wrong types, random strings, negative and huge
 numbers, nested garbage, unknown and dangerous names, unicode), sometimes damages its YAML text,
@@ -10,13 +11,21 @@ cases every run.
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import tiny_recipe
+from layerwise.checkpoint import DIGEST_KEY, WEIGHTS_FILE, read_safetensors, safetensors_with_digest
+from layerwise.resume import STATE_FILE
+from tests.helpers import folder_snapshot, make_finished_run, tiny_recipe
 
 
 def base_recipe() -> dict:
@@ -205,3 +214,107 @@ def test_the_unmutated_recipe_is_valid(cli, tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     result = cli("validate", str(path))
     assert result.code == 0, result.err
+
+
+# --------------------------------------------------------------------------- crafted checkpoints and resume states
+#
+# The same mutations, applied to the JSON metadata of a small saved checkpoint or resume state
+# (the recipe, the record, the optimizers, the epoch), plus raw strings, deleted keys and damaged
+# tensors; the file is then signed again, as whoever crafts one can. `eval` and `train --resume`
+# must succeed, or fail with one line and exit code 2, leaving the run folder byte for byte as it was.
+
+METADATA_TEXT = st.sampled_from(
+    ["", "abc", "-1", "0", "1", "2", "99999", "1e3", " 1", "1_0", "٣", "null", "NaN", "true", "[]", "{}", "[1,2,3]",
+     "5", '{"a":1}', '{"epoch":"x"}', '"x"', "9" * 5000, "[" * 100_000 + "]" * 100_000, "[" * 500 + "]" * 500,
+     '{"a":' * 900 + "1" + "}" * 900, "layerwise-resume-1", "layerwise-resume-2", "\x1b[2J", "a\nb"]) | TEXT
+
+
+def mutated_json(draw, text: str) -> str:
+    """``text`` parsed as JSON, mutated like a recipe, and written back (a plain string if it is not JSON)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return draw(METADATA_TEXT)
+    holder = [value]  # so that a scalar, or the whole value, can be mutated too
+    for _ in range(draw(st.integers(1, 3))):
+        if locations(holder):
+            mutate(holder, draw)
+    return json.dumps(holder[0] if holder and draw(st.integers(0, 9)) else holder)
+
+
+def damaged_tensor(draw, tensor: torch.Tensor) -> torch.Tensor | None:
+    """None (deleted), or a tensor of another shape or type."""
+    return draw(st.sampled_from([
+        None, torch.zeros(1), torch.zeros(tensor.numel() + 1), torch.zeros(tensor.shape, dtype=torch.int64),
+        tensor.to(torch.float64), tensor.reshape(-1), torch.full(tensor.shape, float("nan")), torch.zeros(0)]))
+
+
+def crafted(draw, path: Path, with_tensors: bool) -> None:
+    """Apply one to three random changes to the safetensors file at ``path`` and sign it again."""
+    tensors, metadata = read_safetensors(path, "file")
+    metadata.pop(DIGEST_KEY)
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(sorted(metadata) + ["epoch", "format", "metrics"]))
+        action = draw(st.sampled_from(["json", "json", "json", "json", "text", "delete", "add"]
+                                      + (["tensor", "tensor"] if with_tensors else [])))
+        if action == "json":
+            metadata[key] = mutated_json(draw, metadata.get(key, "null"))
+        elif action == "text":
+            metadata[key] = draw(METADATA_TEXT)
+        elif action == "delete":
+            metadata.pop(key, None)
+        elif action == "add":
+            metadata[draw(TEXT)] = draw(METADATA_TEXT)
+        else:
+            name = draw(st.sampled_from(sorted(tensors) + ["optim/0/99/exp_avg", "rng/torch/rank5", "other"]))
+            damaged = damaged_tensor(draw, tensors.get(name, torch.zeros(3)))
+            if damaged is None:
+                tensors.pop(name, None)
+            else:
+                tensors[name] = damaged
+    metadata.pop(DIGEST_KEY, None)
+    path.write_bytes(safetensors_with_digest(tensors, metadata))
+
+
+def check_one_line_or_success(result, before: dict, after: dict) -> None:
+    assert result.code in (0, 2), (result.code, result.err)
+    assert "Traceback" not in result.out + result.err, result.err
+    if result.code == 2:
+        lines = result.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.err
+        assert "\x1b" not in result.err, result.err
+        assert after == before, "a refused command changed the run folder"
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    """One small run folder, made once per test; every example works on a copy."""
+    return make_finished_run(tmp_path / "pristine" / "tiny-20260101-000000")
+
+
+def fresh_copy(finished_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished_run, Path(tempfile.mkdtemp(dir=tmp_path)) / finished_run.name))
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_crafted_checkpoint_metadata_never_shows_a_traceback(cli, tmp_path, finished_run, data):
+    run = fresh_copy(finished_run, tmp_path)
+    crafted(data.draw, run / WEIGHTS_FILE, with_tensors=False)
+    before = folder_snapshot(run)
+    result = cli("eval", str(run), "--json", "--device", "cpu")
+    check_one_line_or_success(result, before, folder_snapshot(run))
+    shutil.rmtree(run.parent)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_crafted_resume_states_never_show_a_traceback_or_change_the_run(cli, tmp_path, finished_run, data):
+    run = fresh_copy(finished_run, tmp_path)
+    crafted(data.draw, run / STATE_FILE, with_tensors=True)
+    before = folder_snapshot(run)
+    result = cli("train", "--resume", str(run), "--no-progress")
+    check_one_line_or_success(result, before, folder_snapshot(run))
+    shutil.rmtree(run.parent)

@@ -21,14 +21,21 @@ import pytest
 import torch
 import yaml
 
-from layerwise.checkpoint import DIGEST_KEY, WEIGHTS_FILE, read_safetensors, safetensors_with_digest, save_checkpoint
+from layerwise.checkpoint import WEIGHTS_FILE, read_safetensors
 from layerwise.errors import CheckpointError, LayerwiseError
-from layerwise.factory import build_model, parse_recipe
-from layerwise.recipe import dump_recipe
-from layerwise.resume import STATE_FILE, save_state
+from layerwise.factory import parse_recipe
+from layerwise.resume import STATE_FILE
 from layerwise.runs import LATEST, METRICS_FILE, create_run_dir, lock_run, resolve_run
-from layerwise.trainer import Trainer
-from tests.helpers import REPO, SHARED_DATA, start_layerwise, tiny_recipe, wait_for
+from tests.helpers import (
+    REPO,
+    folder_snapshot,
+    make_finished_run,
+    real_mnist_present,
+    resign,
+    start_layerwise,
+    tiny_recipe,
+    wait_for,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -42,50 +49,6 @@ def one_line_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every file (with its bytes) and folder under ``folder``, hidden ones included."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
-
-
-def finished_recipe(epochs: int = 1) -> dict:
-    data = tiny_recipe(train_limit=64)
-    data["train"]["epochs"] = epochs
-    return data
-
-
-def make_run(folder: Path, epochs: int = 1) -> Path:
-    """A run folder whose last epoch ended, as training leaves it: recipe.yaml, env.json, a resume
-    state whose optimizers have stepped once, model.safetensors and metrics.jsonl; no data needed."""
-    recipe = parse_recipe(finished_recipe(epochs), "tiny")
-    torch.manual_seed(0)
-    graph = build_model(recipe)
-    trainer = Trainer.from_recipe(graph, recipe)
-    trainer.step(torch.rand(8, 1, 28, 28), torch.arange(8))
-    record = {"epoch": epochs, "train_acc": 0.5, "global_loss": 2.0, "blocks": {"hsic1": {"loss": -0.1}},
-              "test_acc": 0.5, "test_loss": 2.0, "train_seconds": 0.1}
-    folder.mkdir(parents=True)
-    (folder / "recipe.yaml").write_text(dump_recipe(recipe))
-    (folder / "env.json").write_text("{}\n")
-    (folder / "eval").mkdir()
-    save_state(folder / STATE_FILE, graph, trainer.optimizers(), recipe, epochs, record)
-    save_checkpoint(folder / WEIGHTS_FILE, graph, recipe, epochs, record)
-    (folder / METRICS_FILE).write_text(json.dumps(record) + "\n")
-    return folder
-
-
-def rewrite(path: Path, metadata: dict[str, str | None] | None = None,
-            tensors: dict[str, torch.Tensor | None] | None = None) -> None:
-    """Change a safetensors file's metadata or tensors (None deletes one) and sign it again, as
-    whoever crafts a file can: the checksum catches accidents, not intent."""
-    saved_tensors, saved_metadata = read_safetensors(path, "file")
-    saved_metadata.pop(DIGEST_KEY)
-    for key, value in (metadata or {}).items():
-        saved_metadata.pop(key, None) if value is None else saved_metadata.__setitem__(key, value)
-    for key, value in (tensors or {}).items():
-        saved_tensors.pop(key, None) if value is None else saved_tensors.__setitem__(key, value)
-    path.write_bytes(safetensors_with_digest(saved_tensors, saved_metadata))
 
 
 def state_metadata(path: Path) -> dict[str, str]:
@@ -105,7 +68,7 @@ def nested(depth: int) -> str:
 
 @pytest.fixture
 def run(tmp_path) -> Path:
-    return make_run(tmp_path / "runs" / "tiny-20260101-000000")
+    return make_finished_run(tmp_path / "runs" / "tiny-20260101-000000")
 
 
 def resume(cli, run: Path):
@@ -149,10 +112,10 @@ def test_crafted_resume_state_metadata_is_one_line_and_changes_nothing(cli, run,
         recipe = json.loads(state_metadata(run / STATE_FILE)["layerwise.recipe"])
         recipe["model"]["subnetworks"][0]["blocks"][0]["name"] = "\x1b[2J\x1b]0;pwned\x07"
         metadata = {"layerwise.recipe": json.dumps(recipe)}
-    rewrite(run / STATE_FILE, metadata)
-    before = snapshot(run)
+    resign(run / STATE_FILE, metadata)
+    before = folder_snapshot(run)
     one_line_error(resume(cli, run), str(run / STATE_FILE), message)
-    assert snapshot(run) == before
+    assert folder_snapshot(run) == before
 
 
 # Refused once the model is built (which needs the data), still before the run folder changes.
@@ -182,10 +145,10 @@ MODEL_STATES = {
 def test_a_resume_state_that_does_not_fit_the_model_is_named_and_changes_nothing(cli, run, mnist_available, case):
     make, message = MODEL_STATES[case]
     metadata, tensors = make(run / STATE_FILE)
-    rewrite(run / STATE_FILE, metadata, tensors)
-    before = snapshot(run)
+    resign(run / STATE_FILE, metadata, tensors)
+    before = folder_snapshot(run)
     one_line_error(resume(cli, run), str(run / STATE_FILE), message)
-    assert snapshot(run) == before
+    assert folder_snapshot(run) == before
 
 
 def test_the_unchanged_state_resumes(cli, run, mnist_available):
@@ -202,10 +165,10 @@ def test_the_unchanged_state_resumes(cli, run, mnist_available):
     ({"epoch": "99999"}, "says 99999 epochs, more than the 1 of its recipe"),
 ], ids=["deep-recipe", "deep-recipe-900", "epoch-abc", "epoch-99999"])
 def test_crafted_checkpoint_metadata_is_one_line(cli, run, metadata, message):
-    rewrite(run / WEIGHTS_FILE, metadata)
-    before = snapshot(run)
+    resign(run / WEIGHTS_FILE, metadata)
+    before = folder_snapshot(run)
     one_line_error(cli("eval", str(run / WEIGHTS_FILE)), str(run / WEIGHTS_FILE), message)
-    assert snapshot(run) == before
+    assert folder_snapshot(run) == before
 
 
 # --------------------------------------------------------------------------- 2. names
@@ -244,7 +207,7 @@ def test_names_with_control_characters_are_refused_everywhere_in_a_recipe(cli, t
 def test_a_checkpoint_recipe_with_an_escape_in_a_name_is_refused_without_printing_it(cli, run):
     recipe = json.loads(read_safetensors(run / WEIGHTS_FILE, "checkpoint")[1]["layerwise.recipe"])
     recipe["name"] = "tiny\x1b[2J"
-    rewrite(run / WEIGHTS_FILE, {"layerwise.recipe": json.dumps(recipe)})
+    resign(run / WEIGHTS_FILE, {"layerwise.recipe": json.dumps(recipe)})
     one_line_error(cli("eval", str(run)), "its embedded recipe is not valid: name: expected 1 to 100")
 
 
@@ -289,9 +252,9 @@ def hold_lock(run: Path) -> subprocess.Popen:
 def test_a_second_trainer_is_refused_while_another_process_holds_the_run(cli, run, ending):
     holder = hold_lock(run)
     try:
-        before = snapshot(run)
+        before = folder_snapshot(run)
         one_line_error(resume(cli, run), f"{run}: another layerwise process (pid {holder.pid}) is training this run")
-        assert snapshot(run) == before
+        assert folder_snapshot(run) == before
         with pytest.raises(LayerwiseError, match="another layerwise process"):
             lock_run(run)
     finally:
@@ -303,8 +266,7 @@ def test_a_second_trainer_is_refused_while_another_process_holds_the_run(cli, ru
     lock_run(run).release()
 
 
-needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").exists(),
-                                 reason=f"real MNIST not under {SHARED_DATA}")
+needs_mnist = pytest.mark.skipif(not real_mnist_present(), reason="real MNIST not under ../shared/data")
 
 
 @pytest.mark.integration

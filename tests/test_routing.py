@@ -1,4 +1,4 @@
-"""The gradient-routing proof (DESIGN.md section 2).
+"""The gradient-routing proof (docs/design.md, section 2).
 
 After ``Trainer.compute_gradients`` every parameter's ``.grad`` must equal
 ``torch.autograd.grad`` of exactly the one loss that may reach it, computed separately on a
@@ -6,20 +6,23 @@ fresh forward pass with the same weights: a local block's own loss for a local b
 global cross-entropy for a ``none`` block. Each test also checks that the losses kept out
 *would* have reached the parameters, so that a leak makes it fail.
 
-Every local objective in the registry is covered, so a plugin's objective is tested too.
+Every local objective in the registry is covered, so a plugin's objective is tested too, and
+every test runs twice: on a network built from a recipe, and on the same network written with
+the Python API (``layerwise.Network`` of ``layerwise.Block`` s), which must route identically.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from layerwise.factory import network_from_recipe
-
-from layerwise.graph import Network
+import layerwise as lw
+from layerwise.factory import network_from_recipe, parse_recipe
+from layerwise.layers import ACTIVATION_MODULES
 from layerwise.objectives.base import LossContext
-from layerwise.factory import parse_recipe
 from layerwise.trainer import Trainer
 from tests.helpers import local_objectives
 
@@ -52,8 +55,39 @@ def local(name, objective, **extra):
     return block(name, objective={"name": objective}, **extra)
 
 
+NETWORK_KIND = {"kind": "recipe"}
+
+
+@pytest.fixture(autouse=True, params=["recipe", "python"])
+def network_kind(request, monkeypatch):
+    """Every test on both kinds of network: from a recipe, and written in Python."""
+    monkeypatch.setitem(NETWORK_KIND, "kind", request.param)
+
+
+def python_block(spec):
+    """A recipe block spec written with the public API: a module function and an objective."""
+
+    def make(shape):
+        parts = [nn.Flatten(), nn.Linear(math.prod(shape), spec["out"])]
+        if spec.get("norm"):
+            parts.append(nn.BatchNorm1d(spec["out"]))
+        if spec.get("act"):
+            parts.append(ACTIVATION_MODULES[spec["act"]]())
+        return nn.Sequential(*parts)
+
+    name = spec["objective"] if isinstance(spec["objective"], str) else spec["objective"]["name"]
+    objective = None if name == "none" else lw.objective(name)
+    return lw.Block(spec["name"], make, objective, inputs=spec.get("inputs"), detach=spec.get("detach", False),
+                    freeze=spec.get("freeze", False))
+
+
 def build(blocks, seed=0):
     """Network (in float64, for exact comparisons) and Trainer from a list of block specs."""
+    if NETWORK_KIND["kind"] == "python":
+        torch.manual_seed(seed)
+        network = lw.Network([python_block(spec) for spec in blocks], INPUT_SHAPE).double()
+        optim = {"name": "adam", "lr": 1e-2}
+        return network, lw.Trainer(network, local_optim=optim, global_optim=optim)
     subnetworks = [{"name": f"sn{i}", "blocks": blocks[i : i + 2]} for i in range(0, len(blocks), 2)]
     recipe = parse_recipe(
         {
