@@ -128,20 +128,23 @@ def eval_command(
     runs_dir: RunsOpt = Path("runs"),
     data_root: DataRootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Test accuracy of a trained model, clean and under Gaussian input noise."""
-    from layerwise.noise_eval import evaluate_noise, parse_noise_levels, write_report
+    from layerwise.noise_eval import check_report_folder, evaluate_noise, parse_noise_levels, write_report
     from layerwise.runs import resolve_run
     from layerwise.trainer import resolve_device
 
     levels = parse_noise_levels(noise)
     if batch_size < 1:
         raise LayerwiseError(f"--batch-size: expected a value > 0, found {batch_size}")
+    where = resolve_device(device, "--device")
     target = resolve_run(run, runs_dir)
-    report = evaluate_noise(target, levels, data_root, resolve_device(device), noise_seed, batch_size,
-                            show_progress=not as_json)
-    run_folder = target if target.is_dir() else target.parent
-    path = write_report(report, run_folder / "eval")
+    eval_dir = (target if target.is_dir() else target.parent) / "eval"
+    check_report_folder(eval_dir)  # before any work: a read-only run folder fails now, not after the sweep
+    report = evaluate_noise(target, levels, data_root, where, noise_seed, batch_size,
+                            show_progress=not (as_json or no_progress))
+    path = write_report(report, eval_dir)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return

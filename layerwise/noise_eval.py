@@ -19,6 +19,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
 from layerwise.progress import progress_bar
+from layerwise.runs import check_writable
 from layerwise.trainer import evaluate
 
 
@@ -92,6 +93,13 @@ def noise_results(
             metrics = evaluate(graph, stream, on_batch=lambda: bars.advance(task))
             results.append({"noise": sigma, "acc": metrics["acc"], "loss": metrics["loss"]})
     return results
+
+
+def check_report_folder(eval_dir: Path) -> None:
+    """Fail in one line, before anything is computed, when the report could not be written."""
+    if eval_dir.exists() and not eval_dir.is_dir():
+        raise LayerwiseError(f"{eval_dir}: exists but is not a folder, so no evaluation report can be written there")
+    check_writable(eval_dir if eval_dir.is_dir() else eval_dir.parent)
 
 
 def write_report(report: dict, eval_dir: Path) -> Path:

@@ -43,11 +43,12 @@ class NonFiniteWatch:
         self,
         mode: Literal["stop", "skip"],
         device: torch.device,
-        explain: Callable[[Key], tuple[str, str]],
+        explain: Callable[[Key, dict[Key, float]], tuple[str, str]],
         check_every: int | None = None,
     ):
         self.mode = mode
-        self.explain = explain  # key -> (what it is, its likely cause), for the error message
+        # (first bad key, every watched value of that batch) -> (what it is, its likely cause)
+        self.explain = explain
         if check_every is None:
             check_every = 1 if device.type == "cpu" or mode == "skip" else GPU_CHECK_EVERY
         if mode == "skip" and check_every != 1:
@@ -126,5 +127,5 @@ class NonFiniteWatch:
         """The error for the first non-finite entry of ``values``."""
         host = values.detach().float().cpu().tolist()
         index = next(i for i, value in enumerate(host) if not math.isfinite(value))
-        what, cause = self.explain(keys[index])
+        what, cause = self.explain(keys[index], dict(zip(keys, host)))
         return NonFiniteError(f"{self.where(batch)}{what} became {host[index]}; likely cause: {cause}")

@@ -205,9 +205,10 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
         val_images, val_labels = train_images[-held_out:], train_labels[-held_out:]
         train_images, train_labels = train_images[:-held_out], train_labels[:-held_out]
 
-    if group is not None and len(train_labels) < recipe.data.batch_size:
+    if len(train_labels) < recipe.data.batch_size:
+        # One batch bigger than the data would only allocate kernels for samples that do not exist.
         raise LayerwiseError(f"data.batch_size {recipe.data.batch_size} is more than the {len(train_labels)} training "
-                             f"samples; with several processes the incomplete last batch is dropped, so none would be left")
+                             f"samples; choose at most {len(train_labels)}")
 
     torch.manual_seed(recipe.seed)
     graph = network_from_recipe(recipe, spec.shape, spec.num_classes).to(device)

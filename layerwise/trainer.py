@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,13 +35,34 @@ from layerwise.recipe import OptimizerConfig, Recipe, TrainConfig
 from layerwise.schema import Problems, build
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` picks CUDA when present; ``cpu``, ``cuda`` and ``cuda:N`` must exist here.
+    ``option`` names the setting in errors (``--device`` on the command line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LayerwiseError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    match = re.fullmatch(r"cpu|cuda(?::([0-9]{1,3}))?", name)
+    if match is None:
+        raise LayerwiseError(f"{option}: expected auto, cpu, cuda or cuda:N, found {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LayerwiseError(f"{option} is '{name}' but no CUDA device is available; use 'auto' or 'cpu'")
+        if match[1] is not None and int(match[1]) >= torch.cuda.device_count():
+            raise LayerwiseError(f"{option} is '{name}' but this machine has {torch.cuda.device_count()} CUDA "
+                                 f"device(s), numbered from 0")
     return torch.device(name)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure: CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def out_of_memory_message(batch: int, device: torch.device) -> str:
+    """One line for a step that ran out of memory: the batch size and the kernel size it implies."""
+    gram = batch * batch * 4 / 2**30
+    return (f"out of memory on {device} at data.batch_size {batch}: a local kernel objective builds {batch} x "
+            f"{batch} Gram matrices, {gram:.3g} GiB each in float32, several per block; lower data.batch_size")
 
 
 def optimizer_config(value: OptimizerConfig | dict | None, key: str) -> OptimizerConfig:
@@ -70,6 +92,23 @@ def batch_tensors(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
         raise LayerwiseError(f"expected integer class labels of shape ({len(x)},), found {y.dtype} of shape "
                              f"{tuple(y.shape)}")
     return x.to(device, non_blocking=True), y.to(device, torch.int64, non_blocking=True)
+
+
+BLOWN_UP = 1e6
+"""A block output larger than this, in absolute value, has exploded (activations of a healthy
+network are of order 1 to 100); the first such block is blamed for a later NaN."""
+
+
+def loss_weight_cause(objective, terms: dict[str, float]) -> str:
+    """The cause when an objective's loss is non-finite although the terms it logs are finite:
+    the loss combines them with a weight too large for the float range."""
+    config = getattr(objective, "config", None)
+    large = [f"{name} = {value:g}" for name, value in vars(config).items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1e6] if config else []
+    found = f" ({', '.join(large)})" if large else ""
+    shown = ", ".join(f"{name} {value:.3g}" for name, value in terms.items())
+    return (f"its logged terms are finite ({shown}) but the loss that weighs them is not: an option of "
+            f"the objective too large for the float range{found}")
 
 
 def make_optimizer(cfg: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -319,16 +358,47 @@ class Trainer:
             opt.step()
         return result
 
-    def explain(self, key: Key) -> tuple[str, str]:
-        """What a watched value is, and the likely cause when it is not finite."""
+    def explain(self, key: Key, values: dict[Key, float]) -> tuple[str, str]:
+        """What the first non-finite watched value is, and the setting that most plausibly caused
+        it, judged from every value watched on that batch (see :mod:`layerwise.nonfinite`)."""
         block_name, metric = key
-        global_cause = "a learning rate too high for the backprop blocks (lower optim.global.lr)"
+        blown = self.first_blown_up_block(values)
         if not block_name:
-            return f"the global cross-entropy at the head '{self.graph.head}'", global_cause
+            what = f"the global cross-entropy at the head '{self.graph.head}'"
+            return what, self.blow_up_cause(blown, values) if blown else self.lr_cause(self.graph.head)
         objective = self.graph.blocks[block_name].objective
         who = f"block '{block_name}' (objective {objective.name})"
-        cause = objective.nonfinite_hint() if objective.local else global_cause
-        return (f"the output of {who}" if metric == "output" else f"{metric} of {who}"), cause
+        what = f"the output of {who}" if metric == "output" else f"{metric} of {who}"
+        if metric == "output" or not objective.local:
+            return what, self.lr_cause(block_name)
+        if blown is not None and self.graph.order.index(blown) <= self.graph.order.index(block_name):
+            return what, self.blow_up_cause(blown, values)
+        terms = {m: v for (b, m), v in values.items() if b == block_name and m not in ("output", metric)}
+        if metric == "loss" and terms and all(math.isfinite(v) for v in terms.values()):
+            return what, loss_weight_cause(objective, terms)
+        return what, objective.nonfinite_hint()
+
+    def first_blown_up_block(self, values: dict[Key, float]) -> str | None:
+        """The first block (in evaluation order) whose output was non-finite or beyond
+        :data:`BLOWN_UP`: where values started to explode, whatever later became NaN."""
+        for name in self.graph.order:
+            top = values.get((name, "output"))
+            if top is not None and not abs(top) < BLOWN_UP:
+                return name
+        return None
+
+    def blow_up_cause(self, block_name: str, values: dict[Key, float]) -> str:
+        """The cause when ``block_name``'s output exploded first."""
+        return (f"the output of block '{block_name}' had already reached {values[(block_name, 'output')]:.3g} "
+                f"(healthy activations stay far below {BLOWN_UP:.0e}); {self.lr_cause(block_name)}")
+
+    def lr_cause(self, block_name: str) -> str:
+        """The learning rate that trains ``block_name``, named with its recipe key and value."""
+        block = self.graph.blocks[block_name]
+        key, config = ("optim.local", self.local_optim) if block.local else ("optim.global", self.global_optim)
+        kind = "its local objective's" if block.local else "the backprop blocks'"
+        return (f"a learning rate too high for {kind} optimizer: {key}.lr = {config.lr:g} ({config.name}); "
+                f"lower it")
 
     def train_epoch(
         self,
@@ -359,7 +429,13 @@ class Trainer:
             if should_stop is not None and should_stop():
                 raise TrainingInterrupted(f"stopped after batch {done} of epoch {epoch}")
             x, y = self.prepare_batch(batch)
-            totals.add(self.step(x, y), y)
+            try:
+                totals.add(self.step(x, y), y)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                global_batch = x.shape[0] * (self.group.world if self.group is not None else 1)
+                raise LayerwiseError(out_of_memory_message(global_batch, x.device)) from None
             done += 1
             if on_batch is not None:
                 on_batch()

@@ -226,7 +226,7 @@ class FakePopen:
 
     commands: list[list[str]] = []
 
-    def __init__(self, command):
+    def __init__(self, command, **kwargs):
         FakePopen.commands.append(command)
 
     def wait(self):
@@ -240,7 +240,8 @@ def test_nproc_launches_torchrun_with_the_same_arguments(tmp_path, cli, monkeypa
     result = cli("train", recipe, "train.epochs=1", "--nproc", "2", "--runs-dir", "r", "--data-root", "d",
                  "--no-progress")
     assert result.code == 7, "the exit code is torchrun's"
-    assert FakePopen.commands == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+    # torchrun's own run(), wrapped to report a failed worker in one line (layerwise.distributed.torchrun_main)
+    assert FakePopen.commands == [[sys.executable, "-m", "layerwise.distributed", "--standalone",
                                    "--nproc_per_node", "2", "-m", "layerwise", "train", recipe, "train.epochs=1",
                                    "--runs-dir", "r", "--data-root", "d", "--no-progress"]]
 
@@ -266,7 +267,7 @@ def test_resume_with_nproc_launches_torchrun_on_the_resolved_run(tmp_path, cli, 
     result = cli("train", "--resume", "--nproc", "2", "--runs-dir", str(tmp_path / "runs"))
     assert result.code == 7
     # runs/latest is resolved before the launch, so every worker continues the same run
-    assert FakePopen.commands == [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+    assert FakePopen.commands == [[sys.executable, "-m", "layerwise.distributed", "--standalone",
                                    "--nproc_per_node", "2", "-m", "layerwise", "train", str(run), "--resume",
                                    "--runs-dir", str(tmp_path / "runs")]]
 

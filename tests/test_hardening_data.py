@@ -217,15 +217,15 @@ def test_a_missing_dataset_says_what_is_missing_on_its_first_line(tmp_path, no_m
     assert "--data-root DIR" in details and "$LAYERWISE_DATA/mnist" in details
 
 
-def test_piped_output_never_wraps_a_long_path():
-    path = "/work/main/runs/noise-study-with-a-long-name-20261201-063623/eval/noise-20261201-063623.json"
+@pytest.mark.parametrize("name", ["stdout", "stderr"])
+def test_piped_output_never_wraps_a_long_path(monkeypatch, name):
+    console = getattr(progress, name)  # the CLI's own console, writing to whatever sys.stdout/stderr is
     piped = io.StringIO()
-    console = progress.PipeFriendlyConsole(file=piped, width=80)
+    monkeypatch.setattr(sys, name, piped)
+    path = f"/work/main/runs/{'noise-study-' * (console.width // 12)}20261201-063623/eval/noise-20261201-063623.json"
+    assert len(path) > console.width
     console.print(f"Report: {path}")
     assert piped.getvalue() == f"Report: {path}\n"
-    # The CLI's own consoles are of this kind (their file is whatever sys.stdout/stderr is then).
-    assert isinstance(progress.stdout, progress.PipeFriendlyConsole)
-    assert isinstance(progress.stderr, progress.PipeFriendlyConsole)
     # On a terminal, rich still wraps long text at the width.
     terminal = io.StringIO()
     progress.PipeFriendlyConsole(file=terminal, width=80, force_terminal=True, color_system=None).print(path)
@@ -464,8 +464,9 @@ def test_a_killed_worker_or_torchrun_is_one_line_with_the_resume_command(tmp_pat
         torchrun = [pid for pid in tree if pid != launcher.pid and pid not in workers.values()]
         assert sorted(workers) == [0, 1] and len(torchrun) == 1, tree
         os.kill(workers[1] if victim == "worker" else torchrun[0], signal.SIGKILL)
-        _, err = launcher.communicate(timeout=60)
+        launcher.wait(timeout=60)  # its output is a few lines: no pipe fills up meanwhile
         assert all(gone(pid, 10) for pid in tree), "no process trains on after the kill"
+        _, err = launcher.communicate(timeout=10)  # ends at once: the workers, which share its pipes, are gone
     finally:
         for pid in tree:
             with contextlib.suppress(ProcessLookupError):

@@ -1,4 +1,4 @@
-"""The nHSIC objective against a direct textbook implementation (DESIGN.md section 3).
+"""The nHSIC objective against a direct textbook implementation (docs/design.md, section 3).
 
 The reference functions below build everything the slow, obvious way: an explicit kernel
 loop, an explicit centering matrix ``H`` and an explicit inverse, all in float64.

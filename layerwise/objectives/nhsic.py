@@ -160,11 +160,13 @@ class NHSIC(Objective):
         return feature_cca(phi_z, factor_z, phi_x, factor_x), feature_cca(phi_z, factor_z, phi_y, factor_y)
 
     def nonfinite_hint(self) -> str:
-        """Tiny sigmas overflow the kernel's exponent; large learning rates blow up the features."""
+        """Tiny sigmas overflow the kernel's exponent; otherwise the block's own updates are suspect."""
         width = math.prod(self.info.out_shape)
-        return (f"sigma {self.config.sigma:g} too small for the kernel widths (d = {width} for this block, "
-                f"{self.info.num_classes} for the labels): the exponent 1/(2 sigma^2 d) overflows and the kernel "
-                f"becomes NaN; typical sigma is about 5. Otherwise a learning rate too high (optim.local.lr)")
+        if self.config.sigma < 1:
+            return (f"sigma {self.config.sigma:g} too small for the kernel widths (d = {width} for this block, "
+                    f"{self.info.num_classes} for the labels): the exponent 1/(2 sigma^2 d) overflows and the "
+                    f"kernel becomes NaN; typical sigma is about 5")
+        return "a learning rate too high for this block (lower optim.local.lr)"
 
     def loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # Kernels in at least float32, with autocast off: a bf16 distance matmul cancels
