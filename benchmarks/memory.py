@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 
 from layerwise.atomic import write_text_atomic
-from layerwise.factory import network_from_recipe
-from layerwise.graph import Network
-from layerwise.factory import parse_recipe
+from layerwise.factory import network_from_recipe, parse_recipe
 from layerwise.runs import cpu_name
 from layerwise.trainer import Trainer
 

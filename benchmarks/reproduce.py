@@ -25,9 +25,9 @@ import torch
 
 from layerwise.atomic import write_text_atomic
 from layerwise.checkpoint import WEIGHTS_FILE
+from layerwise.factory import load_recipe
 from layerwise.noise_eval import evaluate_noise
 from layerwise.progress import progress_bar
-from layerwise.factory import load_recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
 from layerwise.train_run import train_recipe

@@ -25,9 +25,7 @@ import torch
 import yaml
 
 from layerwise.atomic import write_text_atomic
-from layerwise.factory import network_from_recipe
-from layerwise.graph import Network
-from layerwise.factory import load_recipe
+from layerwise.factory import load_recipe, network_from_recipe
 from layerwise.recipe import Recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes

@@ -59,9 +59,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -114,18 +114,22 @@ def collective_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def die_with_parent(sig: int = signal.SIGKILL, expected_parent: int | None = None) -> str:
-    """Have this process receive ``sig`` when its parent dies; return how (``prctl`` or ``watchdog``).
+def die_with_parent(sig: int | None = None, expected_parent: int | None = None) -> str:
+    """Have this process receive ``sig`` (default SIGKILL) when its parent dies; return how (``prctl`` or
+    ``watchdog``).
 
     torchrun starts its workers in sessions of their own, so a SIGKILL of torchrun (which cannot
     pass anything on) would leave them training, unseen, to the end. On Linux the kernel delivers
     ``sig`` at the parent's death (``prctl(PR_SET_PDEATHSIG)``): at once, at no cost, and even while
     the process is blocked in a collective, where a Python thread might not get to run. Elsewhere
-    a daemon thread checks ``os.getppid()`` every second instead.
+    a daemon thread checks ``os.getppid()`` every second instead. (Linux counts the parent *thread*
+    that started this process; torchrun starts its workers, and :func:`launch` torchrun, from their
+    main threads, which live as long as their processes.)
 
     ``expected_parent``: the pid the parent had when it started this process. A parent that died
     before this call sends nothing, so then ``sig`` is raised at once.
     """
+    sig = signal.SIGKILL if sig is None else sig  # looked up here: Windows has no SIGKILL
     parent = os.getppid() if expected_parent is None else expected_parent
     how = "watchdog"
     if sys.platform.startswith("linux"):
@@ -287,7 +291,7 @@ class Group:
         for same_dtype in by_dtype.values():
             flat = torch.cat([t.reshape(-1) for t in same_dtype]).to(self.device)
             dist.all_reduce(flat)
-            for tensor, part in zip(same_dtype, flat.split([t.numel() for t in same_dtype])):
+            for tensor, part in zip(same_dtype, flat.split([t.numel() for t in same_dtype]), strict=True):
                 tensor.copy_(part.view_as(tensor))
 
     def any(self, flag: bool) -> bool:
@@ -344,7 +348,7 @@ def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
     try:
         yield group
     except RuntimeError as exc:  # torch's DistBackendError included
-        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+        if not any(word in str(exc).lower() for word in ("timed out", "timeout")):
             raise
         raise LayerwiseError(
             f"rank {group.rank}: the other processes did not answer within {timeout.total_seconds():g} s "

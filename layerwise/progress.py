@@ -7,16 +7,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 
-
 class PipeFriendlyConsole(Console):
     """A console that leaves long lines whole when its output is not a terminal.
 
     Piped or redirected, rich assumes 80 columns and breaks longer lines with real newlines,
-    even inside a word, so a path in a log ("Report: .../noise-20261201-063\n623.json") could
-    no longer be copied or grepped. Soft wrap leaves line breaking to whatever shows the text.
-    On a terminal, rich's word wrapping is kept. Tables still fit the width: they lay out their
-    own cells. The check is made at each print, since the file behind the console can change
-    (sys.stdout is replaced by test runners and by redirections inside a process).
+    even inside a word, so a path in a log was cut in two ("Report: .../noise-20261201-063" on one
+    line, "623.json" on the next) and could no longer be copied or grepped. Soft wrap leaves line
+    breaking to whatever shows the text. On a terminal, rich's word wrapping is kept. Tables still
+    fit the width: they lay out their own cells. The check is made at each print, since the file
+    behind the console can change (test runners and redirections inside a process replace sys.stdout).
     """
 
     @property

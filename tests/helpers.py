@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import torch
 
     from layerwise.distributed import Group
-    from layerwise.factory import network_from_recipe
     from layerwise.graph import Network
     from layerwise.trainer import Trainer
 
@@ -120,10 +119,7 @@ def float64_trainer(group: Group | None = None) -> tuple[Network, Trainer]:
     """The mixed recipe's graph in float64, seeded, and its trainer (in ``group`` if given)."""
     import torch
 
-    from layerwise.factory import network_from_recipe
-
-    from layerwise.graph import Network
-    from layerwise.factory import parse_recipe
+    from layerwise.factory import network_from_recipe, parse_recipe
     from layerwise.trainer import Trainer
 
     recipe = parse_recipe(mixed_recipe(), "mixed")

@@ -149,3 +149,41 @@ def test_split_refuses_a_cut_that_a_skip_connection_crosses():
 
     with pytest.raises(LayerwiseError, match=r"stage 1 would need 2 inputs"):
         lw.split(Skip(), at=["a"])
+
+
+SNIPPET_RECIPE = {
+    "name": "conv_snippet",
+    "seed": 0,
+    "data": {"dataset": "mnist", "batch_size": 256, "train_limit": 2048},
+    "model": {"subnetworks": [{"name": "sn1", "blocks": [
+        {"name": "conv1", "layer": "conv2d", "out": 32, "padding": 1, "act": "relu",
+         "objective": {"name": "nhsic", "sigma": 10, "beta": 100}},
+        {"name": "head", "layer": "linear", "out": 10},
+    ]}]},
+    "optim": {"local": {"name": "adam", "lr": 1e-3}, "global": {"name": "adam", "lr": 1e-3}},
+    "train": {"epochs": 1, "device": "cpu"},
+}
+
+
+@pytest.mark.integration
+def test_the_python_snippet_and_its_recipe_train_the_same_weights(tmp_path, mnist_available):
+    """docs/python.md's network written in Python and as a recipe: same seed, same batches
+    (lw.batches numbers epochs as `layerwise train` does), so the same weights after an epoch."""
+    from layerwise.checkpoint import load_checkpoint
+
+    run = lw.train(parse_recipe(SNIPPET_RECIPE, "snippet"), runs_dir=tmp_path / "runs")
+    assert [r["epoch"] for r in run.metrics] == [1] and 0.0 < run.final["test_acc"] <= 1.0
+    torch.manual_seed(0)
+    net = lw.Network([
+        lw.Block("conv1", nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU()),
+                 objective=lw.objective("nhsic", sigma=10, beta=100)),
+        lw.Block("head", nn.Sequential(nn.Flatten(), nn.LazyLinear(10))),
+    ])
+    trainer = lw.Trainer(net, local_optim={"name": "adam", "lr": 1e-3}, global_optim={"name": "adam", "lr": 1e-3})
+    trainer.train_epoch(lw.batches("mnist", batch_size=256, seed=0, limit=2048))
+    saved = load_checkpoint(run.path).tensors
+    mine = net.state_dict()
+    assert set(saved) == set(mine)
+    for key, value in saved.items():
+        assert torch.equal(mine[key], value), f"{key} differs"
+    assert lw.evaluate(net, "mnist") == lw.evaluate(lw.load_model(run.path), "mnist") == {0.0: run.final["test_acc"]}

@@ -12,9 +12,7 @@ from safetensors import safe_open
 
 from layerwise.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from layerwise.errors import CheckpointError, LayerwiseError
-from layerwise.factory import network_from_recipe
-from layerwise.graph import Network
-from layerwise.factory import parse_recipe
+from layerwise.factory import network_from_recipe, parse_recipe
 from tests.helpers import tiny_recipe
 
 
@@ -29,7 +27,7 @@ def trained_graph(data=None):
 
 
 def test_round_trip_restores_identical_predictions(tmp_path):
-    recipe, graph = trained_graph()
+    recipe, graph = trained_graph({**tiny_recipe(), "train": {"epochs": 3, "device": "cpu"}})
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, graph, recipe, epoch=3, metrics={"test_acc": 0.5})
     rebuilt, ckpt = model_from_checkpoint(path)  # from the file alone: no recipe passed in

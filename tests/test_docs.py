@@ -13,9 +13,9 @@ import typer
 import yaml
 
 from layerwise import plugins
+from layerwise.factory import parse_recipe
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.plugin_commands import add_plugin_commands
-from layerwise.factory import parse_recipe
 from layerwise.testing import check_objective, use_plugin
 from tests.helpers import PUBLIC_MODULES, REPO
 
@@ -79,7 +79,6 @@ def test_the_worked_example_trains_and_keeps_the_contract(fresh_plugins):
 def test_the_worked_example_recipe_validates_and_reports_bad_options(fresh_plugins):
     from layerwise.errors import RecipeError
     from layerwise.factory import network_from_recipe
-    from layerwise.graph import Network
 
     (recipe_text,) = [b for b in code_blocks("yaml") if "name: mnist_prototype" in b]
     data = yaml.safe_load(recipe_text)
@@ -119,7 +118,6 @@ def snippet_defining(hook: str) -> types.ModuleType:
 
 def test_the_layer_snippet_builds_a_network(fresh_plugins):
     from layerwise.factory import network_from_recipe
-    from layerwise.graph import Network
     from tests.helpers import tiny_recipe
 
     with use_plugin(snippet_defining("layerwise_register_layers"), name="layers-snippet"):

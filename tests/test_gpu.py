@@ -13,13 +13,11 @@ import pytest
 import torch
 import yaml
 
-from layerwise.factory import network_from_recipe
-
+from layerwise.factory import network_from_recipe, parse_recipe
 from layerwise.graph import Network
 from layerwise.nonfinite import GPU_CHECK_EVERY
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.objectives.nhsic import NHSIC, NHSICConfig
-from layerwise.factory import parse_recipe
 from layerwise.trainer import Trainer
 from tests.helpers import tiny_recipe
 

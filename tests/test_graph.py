@@ -9,12 +9,11 @@ import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.factory import network_from_recipe
-from layerwise.topology import INPUT, block_inputs, topological_order
+from layerwise.factory import network_from_recipe, parse_recipe
 from layerwise.layers import ACTIVATION_MODULES, BUILTIN_LAYERS
 from layerwise.plugins import registries
-from layerwise.factory import parse_recipe
 from layerwise.recipe import ACTIVATIONS
+from layerwise.topology import INPUT, block_inputs, topological_order
 
 NUM_CLASSES = 10
 
@@ -75,7 +74,8 @@ def test_block_inputs_default_to_the_previous_block():
             head(),
         ]
     )
-    assert block_inputs((b.name, b.inputs) for b in rec.model.blocks()) == {"a": [INPUT], "b": [INPUT, "a"], "head": ["b"]}
+    inputs = block_inputs((b.name, b.inputs) for b in rec.model.blocks())
+    assert inputs == {"a": [INPUT], "b": [INPUT, "a"], "head": ["b"]}
 
 
 def test_skip_ahead_and_merge_by_concatenation():

@@ -126,6 +126,7 @@ def test_out_of_memory_is_one_line_with_the_batch_and_its_kernel_size(monkeypatc
     assert "1 GiB" in out_of_memory_message(16384, torch.device("cuda"))
 
 
+@pytest.mark.integration
 def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_folder(cli, tmp_path, mnist_available):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(tiny_recipe(train_limit=128)))

@@ -89,7 +89,7 @@ def test_a_label_outside_the_classes_names_the_label_file(tmp_path, no_mirrors, 
 def test_bad_labels_are_one_line_from_train_before_any_run_folder(tmp_path, no_mirrors, cli):
     write_split(tmp_path / "data", "train", [0, 1, 2, 3])
     label_file = write_split(tmp_path / "data", "test", [9, 10])
-    result = cli("train", write_recipe(tmp_path), "--data-root", str(tmp_path / "data"),
+    result = cli("train", write_recipe(tmp_path, batch_size=2), "--data-root", str(tmp_path / "data"),
                  "--runs-dir", str(tmp_path / "runs"), "--no-progress")
     assert_one_line_error(result, f"{label_file}: dataset 'mnist' (test split) has 1 label(s) outside 0..9")
     assert not (tmp_path / "runs").exists()
@@ -110,8 +110,8 @@ def test_an_empty_test_set_is_an_error_not_an_accuracy_of_zero(tmp_path, no_mirr
     root = tmp_path / "data"
     write_split(root, "train", [0, 1, 2, 3, 4, 5])
     write_split(root, "test", [6, 7])
-    trained = cli("train", write_recipe(tmp_path), "--data-root", str(root), "--runs-dir", str(tmp_path / "runs"),
-                  "--no-progress")
+    trained = cli("train", write_recipe(tmp_path, batch_size=2), "--data-root", str(root),
+                  "--runs-dir", str(tmp_path / "runs"), "--no-progress")
     assert trained.code == 0, trained.err
     label_file = write_split(root, "test", [])  # the test set is now empty
     (root / "cache" / "mnist-test.pt").unlink()

@@ -141,6 +141,7 @@ MODEL_STATES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(MODEL_STATES))
 def test_a_resume_state_that_does_not_fit_the_model_is_named_and_changes_nothing(cli, run, mnist_available, case):
     make, message = MODEL_STATES[case]
@@ -151,6 +152,7 @@ def test_a_resume_state_that_does_not_fit_the_model_is_named_and_changes_nothing
     assert folder_snapshot(run) == before
 
 
+@pytest.mark.integration
 def test_the_unchanged_state_resumes(cli, run, mnist_available):
     """The cases above are refused for what was changed in them, not for how the run was made."""
     result = resume(cli, run)

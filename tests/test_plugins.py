@@ -22,10 +22,8 @@ from torch import nn
 
 from layerwise import hookimpl, plugins
 from layerwise.errors import LayerwiseError
-from layerwise.factory import network_from_recipe
-from layerwise.graph import Network
+from layerwise.factory import network_from_recipe, parse_recipe
 from layerwise.objectives.base import Objective
-from layerwise.factory import parse_recipe
 from layerwise.testing import check_objective, use_plugin
 from tests.helpers import PUBLIC_MODULES, REPO, local_objectives, tiny_recipe
 

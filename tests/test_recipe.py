@@ -6,10 +6,8 @@ import pytest
 import yaml
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.factory import network_from_recipe
-from layerwise.graph import Network
+from layerwise.factory import load_recipe, network_from_recipe, parse_recipe
 from layerwise.plugins import registries
-from layerwise.factory import load_recipe, parse_recipe
 from layerwise.shipped import shipped_recipes
 from tests.helpers import tiny_recipe
 

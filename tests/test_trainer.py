@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.factory import network_from_recipe
-
-from layerwise.graph import Network
-from layerwise.factory import parse_recipe
+from layerwise.factory import network_from_recipe, parse_recipe
 from layerwise.trainer import Trainer
 
 NHSIC = {"name": "nhsic", "sigma": 2.0, "beta": 10.0}
