@@ -8,19 +8,22 @@ message the command line prints.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from layerwise.checkpoint import (
     find_weights,
     load_checkpoint,
-    load_weights as copy_weights,
     model_from_checkpoint,
     read_safetensors,
     save_network,
+)
+from layerwise.checkpoint import (
+    load_weights as copy_weights,
 )
 from layerwise.data import BatchStream, load_split
 from layerwise.errors import CheckpointError, LayerwiseError, RecipeError
@@ -33,7 +36,8 @@ from layerwise.runs import METRICS_FILE, read_metrics
 from layerwise.schema import Problems, to_plain
 from layerwise.splitting import split
 from layerwise.train_run import train_recipe
-from layerwise.trainer import Trainer, evaluate as evaluate_batches, resolve_device
+from layerwise.trainer import Trainer, resolve_device
+from layerwise.trainer import evaluate as evaluate_batches
 
 __all__ = [
     "Block", "Network", "Run", "Trainer", "batches", "build_model", "evaluate", "load_model", "load_recipe",
@@ -114,7 +118,6 @@ def evaluate(model: Network | str | Path, data: str | Iterable, noise: float | S
         raise LayerwiseError(f"evaluate: expected a layerwise.Network or a run folder, found {type(model).__name__}")
     if device is not None:
         model = model.to(resolve_device(str(device)))
-    place = next(model.parameters(), torch.zeros(())).device
     if not isinstance(data, str):
         if noise not in (None, 0, [0], (0,)):
             raise LayerwiseError("evaluate: noise needs a dataset name (it is added in pixel space, before "
@@ -126,7 +129,7 @@ def evaluate(model: Network | str | Path, data: str | Iterable, noise: float | S
     if model.materialized and model.input_shape != tuple(spec.shape):
         raise LayerwiseError(f"evaluate: the network takes inputs of shape {model.input_shape}, but '{data}' "
                              f"has images of shape {tuple(spec.shape)}")
-    results = noise_results(model, spec, levels, data_root, place, noise_seed, batch_size, progress)
+    results = noise_results(model, spec, levels, data_root, model.device, noise_seed, batch_size, progress)
     return {row["noise"]: row["acc"] for row in results}
 
 
@@ -238,7 +241,7 @@ def network_differences(saved: dict, network: Network) -> list[str]:
     if names != saved["names"]:
         return [f"it has blocks {', '.join(saved['names'])}; this network has {', '.join(names)}"]
     problems = [f"block '{name}' was trained by '{was}', here it has '{network.blocks[name].spec.name}'"
-                for name, was in zip(names, saved["objectives"]) if network.blocks[name].spec.name != was]
+                for name, was in zip(names, saved["objectives"], strict=True) if network.blocks[name].spec.name != was]
     if network.materialized and list(network.input_shape) != saved["input_shape"]:
         problems.append(f"it takes inputs of shape {tuple(saved['input_shape'])}, this network "
                         f"{network.input_shape}")

@@ -22,13 +22,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from layerwise.version import __version__
 from layerwise.atomic import write_bytes_atomic
 from layerwise.errors import CheckpointError, LayerwiseError, RecipeError
 from layerwise.factory import build_on_meta, network_from_recipe, parse_recipe
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
 from layerwise.schema import describe
+from layerwise.version import __version__
 
 WEIGHTS_FILE = "model.safetensors"
 DIGEST_KEY = "layerwise.sha256"

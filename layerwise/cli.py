@@ -10,7 +10,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 import typer.main
@@ -30,14 +30,15 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="List and copy the shipped recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 
-RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.", show_default=False)]
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file, or the name of a shipped recipe.",
+                                          show_default=False)]
 OverridesArg = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Argument(help="Overrides as KEY=VALUE, e.g. train.epochs=3 data.batch_size=128 "
                         "model.subnetworks.sn1.blocks.hsic1.objective.beta=200.", show_default=False),
 ]
 DataRootOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--data-root", help="Dataset folder (default: $LAYERWISE_DATA, else ~/.cache/layerwise/data; "
                                      "read-only mirrors such as ../shared/data are searched too).", show_default=False),
 ]
@@ -60,7 +61,7 @@ def main_options(
 
 @app.command()
 def train(
-    recipe: Annotated[Optional[str], typer.Argument(
+    recipe: Annotated[str | None, typer.Argument(
         help="Recipe YAML file, or the name of a shipped recipe. With --resume: the run folder "
              "(default: runs/latest).", show_default=False, metavar="RECIPE | RUN_DIR")] = None,
     overrides: OverridesArg = None,
@@ -70,7 +71,7 @@ def train(
     runs_dir: RunsOpt = Path("runs"),
     data_root: DataRootOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
-    nproc: Annotated[Optional[int], typer.Option(
+    nproc: Annotated[int | None, typer.Option(
         "--nproc", help="Train data-parallel in N processes (runs torchrun --standalone --nproc_per_node N; "
                         "see docs/distributed.md).", show_default=False)] = None,
 ) -> None:
@@ -118,7 +119,7 @@ def train(
 
 @app.command("eval")
 def eval_command(
-    run: Annotated[Optional[Path], typer.Argument(help="Run folder or .safetensors checkpoint (default: runs/latest).",
+    run: Annotated[Path | None, typer.Argument(help="Run folder or .safetensors checkpoint (default: runs/latest).",
                                                    show_default=False)] = None,
     noise: Annotated[str, typer.Option("--noise", help="Gaussian noise std(s) in [0, 1] pixel space, "
                                                       "comma-separated for a sweep, e.g. 0,0.05,0.5,0.8.")] = "0",
@@ -188,7 +189,8 @@ def recipes_ls() -> None:
 
 @recipes_app.command("cp")
 def recipes_cp(
-    name: Annotated[str, typer.Argument(help="A shipped recipe's name (see 'layerwise recipes ls').", show_default=False)],
+    name: Annotated[str, typer.Argument(help="A shipped recipe's name (see 'layerwise recipes ls').",
+                                        show_default=False)],
     dest: Annotated[Path, typer.Argument(help="Destination file or folder.", show_default=False)],
 ) -> None:
     """Copy a shipped recipe out to edit it."""

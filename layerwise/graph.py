@@ -15,8 +15,9 @@ modules by their block's output.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -165,7 +166,7 @@ class Network(nn.Module):
         return self.input_shape is not None
 
     def materialize(self, input_shape: Sequence[int], device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> "Network":
+                    dtype: torch.dtype | None = None) -> Network:
         """Build what depends on shapes: modules given as functions, lazy modules' weights (by a
         dry run on zeros of ``device`` and ``dtype``), and the objectives.
 
@@ -225,6 +226,13 @@ class Network(nn.Module):
         device = next(block.body.parameters(), None)
         block.objective = objective if device is None else objective.to(device.device)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: the first initialised parameter's device (the CPU before a lazy
+        network has seen its first batch)."""
+        return next((p.device for p in self.parameters() if not isinstance(p, nn.parameter.UninitializedTensorMixin)),
+                    torch.device("cpu"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of the head for a batch ``x``."""
         return self.run(x).logits
@@ -275,7 +283,7 @@ class Network(nn.Module):
                 fed_by_global.add(name)
         return reaches_head & fed_by_global
 
-    def train(self, mode: bool = True) -> "Network":
+    def train(self, mode: bool = True) -> Network:
         """Train mode everywhere except frozen blocks, whose batch-norm statistics must not move."""
         super().train(mode)
         for block in self.blocks.values():

@@ -22,7 +22,7 @@ class StopOnInterrupt:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> "StopOnInterrupt":
+    def __enter__(self) -> StopOnInterrupt:
         # Signal handlers can only be installed from the main thread; elsewhere Ctrl-C keeps
         # its default behaviour (KeyboardInterrupt, still turned into a resumable stop).
         if threading.current_thread() is threading.main_thread():

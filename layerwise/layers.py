@@ -8,7 +8,7 @@ output widths. A builder raises :class:`LayerwiseError` when the input cannot fe
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

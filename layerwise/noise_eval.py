@@ -30,7 +30,8 @@ def parse_noise_levels(text: str) -> list[float]:
         try:
             values.append(float(part))
         except ValueError:
-            raise LayerwiseError(f"--noise: expected numbers in [0, 1] separated by commas, found '{part.strip()}'") from None
+            raise LayerwiseError(f"--noise: expected numbers in [0, 1] separated by commas, "
+                                 f"found '{part.strip()}'") from None
     return noise_levels(values, "--noise")
 
 
@@ -90,7 +91,7 @@ def noise_results(
             stream = BatchStream(spec, images, labels, batch_size=batch_size, shuffle=False, seed=0,
                                  noise=sigma, noise_seed=noise_seed, device=device)
             task = bars.add_task(f"noise {sigma:g}", total=len(stream))
-            metrics = evaluate(graph, stream, on_batch=lambda: bars.advance(task))
+            metrics = evaluate(graph, stream, on_batch=lambda task=task: bars.advance(task))
             results.append({"noise": sigma, "acc": metrics["acc"], "loss": metrics["loss"]})
     return results
 

@@ -23,7 +23,8 @@ before stepping, so it reads the flag every batch on any device (it is opt-in).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -127,5 +128,5 @@ class NonFiniteWatch:
         """The error for the first non-finite entry of ``values``."""
         host = values.detach().float().cpu().tolist()
         index = next(i for i, value in enumerate(host) if not math.isfinite(value))
-        what, cause = self.explain(keys[index], dict(zip(keys, host)))
+        what, cause = self.explain(keys[index], dict(zip(keys, host, strict=True)))
         return NonFiniteError(f"{self.where(batch)}{what} became {host[index]}; likely cause: {cause}")

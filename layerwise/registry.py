@@ -8,7 +8,8 @@ gets a did-you-mean.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from layerwise.errors import LayerwiseError
 

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from layerwise.version import __version__
 from layerwise.atomic import write_bytes_atomic
 from layerwise.checkpoint import (
     embedded_recipe,
@@ -49,6 +48,7 @@ from layerwise.errors import CheckpointError
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
 from layerwise.schema import describe
+from layerwise.version import __version__
 
 STATE_FILE = "state.safetensors"
 FORMAT = "layerwise-resume-1"
@@ -235,7 +235,8 @@ def check_layout(path: Path, optimizers: Any, tensors: dict[str, torch.Tensor]) 
                                   f"(uint8), found {generator.dtype} of shape {tuple(generator.shape)}")
 
 
-def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torch.optim.Optimizer], rank: int = 0) -> bool:
+def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torch.optim.Optimizer],
+                  rank: int = 0) -> bool:
     """Load weights, optimizer states and random generators from ``state``, or say what does not fit.
 
     ``rank`` picks the process's own torch generator. Returns False when the state holds none for
@@ -376,7 +377,7 @@ def first_difference(saved: Any, current: Any, path: str = "") -> str | None:
                 return found
         return None
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        for index, (a, b) in enumerate(zip(saved, current)):
+        for index, (a, b) in enumerate(zip(saved, current, strict=False)):
             found = first_difference(a, b, f"{path}[{index}]")
             if found is not None:
                 return found

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from layerwise.version import __version__
 from layerwise.atomic import file_mode, write_text_atomic
 from layerwise.errors import LayerwiseError
 from layerwise.recipe import Recipe, dump_recipe
+from layerwise.version import __version__
 
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"

@@ -27,7 +27,7 @@ class PluginNames:
     cls: str
 
     @classmethod
-    def from_name(cls, name: str) -> "PluginNames":
+    def from_name(cls, name: str) -> PluginNames:
         """Derive every name from what the user typed, or say what a valid name looks like."""
         short = re.sub(r"^layerwise[-_]", "", name.strip())
         if not NAME_PATTERN.fullmatch(short):

@@ -12,7 +12,7 @@ spanning it, say) is refused with the names of those values, since a block reads
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,7 +164,8 @@ def checked_loss(objective, z: torch.Tensor, ctx: LossContext) -> torch.Tensor:
         expect(isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad,
                f"metric '{key}' must be a detached 0-d tensor (use .detach())")
     from_z = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0]
-    expect(from_z is not None and bool(from_z.abs().max() > 0), "the local loss does not depend on the block's output z")
+    expect(from_z is not None and bool(from_z.abs().max() > 0),
+           "the local loss does not depend on the block's output z")
     return loss
 
 

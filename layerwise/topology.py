@@ -6,7 +6,7 @@ share one definition of the rules.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from layerwise.errors import LayerwiseError
 

@@ -271,7 +271,7 @@ def run_epochs(
                 session.train_stream.set_epoch(epoch)
                 batches = bars.add_task(f"epoch {epoch} train", total=len(session.train_stream))
                 started = time.perf_counter()
-                summary = trainer.train_epoch(session.train_stream, on_batch=lambda: bars.advance(batches),
+                summary = trainer.train_epoch(session.train_stream, on_batch=lambda task=batches: bars.advance(task),
                                               epoch=epoch, should_stop=should_stop)
                 train_seconds = time.perf_counter() - started
                 bars.remove_task(batches)
@@ -282,7 +282,7 @@ def run_epochs(
                         raise TrainingInterrupted(f"stopped after epoch {epoch}")
                     continue
                 testing = bars.add_task(f"epoch {epoch} test", total=len(session.test_stream))
-                test = evaluate(graph, session.test_stream, on_batch=lambda: bars.advance(testing))
+                test = evaluate(graph, session.test_stream, on_batch=lambda task=testing: bars.advance(task))
                 bars.remove_task(testing)
                 record = {"epoch": epoch, **summary, "test_acc": test["acc"], "test_loss": test["loss"],
                           "train_seconds": round(train_seconds, 3)}
@@ -296,7 +296,8 @@ def run_epochs(
                 history.append(record)
                 bars.advance(epochs)
                 val = f", val acc {record['val_acc']:.2%}" if session.val_stream is not None else ""
-                skipped = f", {record['skipped_batches']} non-finite batches skipped" if record.get("skipped_batches") else ""
+                skipped = (f", {record['skipped_batches']} non-finite batches skipped"
+                           if record.get("skipped_batches") else "")
                 say(f"epoch {epoch}: train acc {record['train_acc']:.2%}{val}, "
                     f"test acc {record['test_acc']:.2%}, {train_seconds:.1f}s{skipped}")
                 if epoch < recipe.train.epochs and stop_requested():

@@ -20,8 +20,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ class EpochTotals:
     batches: int = 0
     blocks: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def add(self, step: "StepResult", y: torch.Tensor) -> None:
+    def add(self, step: StepResult, y: torch.Tensor) -> None:
         """Add one batch's results (a skipped batch adds nothing: its values are not finite)."""
         if step.skipped:
             return
@@ -216,7 +216,7 @@ class Trainer:
 
     @classmethod
     def from_recipe(cls, graph: Network, recipe: Recipe, *, group: Group | None = None,
-                    nonfinite_check_every: int | None = None) -> "Trainer":
+                    nonfinite_check_every: int | None = None) -> Trainer:
         """The trainer a recipe's ``optim`` and ``train`` sections describe."""
         return cls(graph, recipe.optim.local, recipe.optim.global_, on_nonfinite=recipe.train.on_nonfinite,
                    free_early=recipe.train.free_early, precision=recipe.train.precision,
@@ -246,8 +246,7 @@ class Trainer:
     @property
     def device(self) -> torch.device:
         """Where the network's weights are (the CPU before the first batch of a lazy network)."""
-        return next((p.device for p in self.graph.parameters()
-                     if not isinstance(p, nn.parameter.UninitializedTensorMixin)), torch.device("cpu"))
+        return self.graph.device
 
     def prepare_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` on the network's device; a lazy network is built (and the optimizers made) here."""
@@ -458,15 +457,12 @@ def evaluate(graph: Network, batches, on_batch: Callable[[], None] | None = None
     correct: torch.Tensor | int = 0  # sums stay on the model's device: one host read at the end
     loss_sum: torch.Tensor | float = 0.0
     samples = 0
-    device: torch.device | None = None
     for batch in batches:
-        if device is None:
-            device = next((p.device for p in graph.parameters()
-                           if not isinstance(p, nn.parameter.UninitializedTensorMixin)), torch.device("cpu"))
-        x, y = batch_tensors(batch, device)
+        x, y = batch_tensors(batch, graph.device)
         logits = graph(x)
         correct = correct + (logits.argmax(dim=1) == y).sum()
-        loss_sum = loss_sum + nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum")
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        loss_sum = loss_sum + nn.functional.cross_entropy(logits, y, reduction="sum")
         samples += y.shape[0]
         if on_batch is not None:
             on_batch()

@@ -7,8 +7,9 @@ Modules it owns, such as an auxiliary classifier, are trained by its block's opt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

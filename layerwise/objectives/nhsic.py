@@ -86,7 +86,7 @@ class NHSICConfig:
             problems.add(join(path, "features"), f"must be > 0, found {self.features}")
 
 
-def fourier_frequencies(width: int, cfg: "NHSICConfig") -> tuple[torch.Tensor, torch.Tensor]:
+def fourier_frequencies(width: int, cfg: NHSICConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Frequencies ``W`` (width, D) and phases ``b`` (D,) whose features approximate the kernel.
 
     By Bochner's theorem ``exp(-||a - b||^2 / (2 s^2))`` is the expectation of
@@ -112,7 +112,8 @@ def feature_cca_factor(phi: torch.Tensor, eps: float) -> torch.Tensor:
     return spd_factor(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
 
 
-def feature_cca(phi_a: torch.Tensor, factor_a: torch.Tensor, phi_b: torch.Tensor, factor_b: torch.Tensor) -> torch.Tensor:
+def feature_cca(phi_a: torch.Tensor, factor_a: torch.Tensor, phi_b: torch.Tensor,
+                factor_b: torch.Tensor) -> torch.Tensor:
     """``tr(Ra Rb) = tr(Sa^-1 Ca Sb^-1 Ca^T)`` with ``Ca = Phi_a^T Phi_b``: only D x D work."""
     cross = phi_a.T @ phi_b
     left = torch.cholesky_solve(cross, factor_a)
@@ -149,7 +150,8 @@ class NHSIC(Objective):
         """``(nHSIC(Z, X), nHSIC(Z, Y))`` from random Fourier features."""
         cfg: NHSICConfig = self.config
         key = ("nhsic-rff", cfg.sigma, cfg.features, cfg.feature_seed, z.dtype)
-        phi_x = ctx.kernels.get(key + ("x",), lambda: centered_features(x, self.freqs_x.to(x.dtype), self.phases_x.to(x.dtype)))
+        phi_x = ctx.kernels.get(key + ("x",), lambda: centered_features(x, self.freqs_x.to(x.dtype),
+                                                                        self.phases_x.to(x.dtype)))
         phi_y = ctx.kernels.get(key + ("y",), lambda: label_factors(y, cfg.sigma))
         phi_z = centered_features(z, self.freqs_z.to(z.dtype), self.phases_z.to(z.dtype))
         if cfg.normalization == "cka":
