@@ -203,12 +203,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if "layerwise.recipe" not in metadata:
         raise CheckpointError(f"{path}: has no 'layerwise.recipe' metadata, so it was not written by layerwise")
     recipe = embedded_recipe(path, metadata_json(path, metadata, "layerwise.recipe"))
-    checkpoint = Checkpoint(path, recipe, tensors, metadata)
-    # Checked now, so that a damaged file fails before any data is loaded or report written.
-    if checkpoint.epoch > recipe.train.epochs:
-        raise CheckpointError(f"{path}: its 'epoch' metadata says {checkpoint.epoch} epochs, more than the "
-                              f"{recipe.train.epochs} of its recipe")
-    return checkpoint
+    metadata_epoch(path, metadata, default="0")  # checked now: before any data is loaded or report written
+    return Checkpoint(path, recipe, tensors, metadata)
 
 
 def load_weights(graph: Network, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
