@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from layerwise.atomic import write_bytes_atomic
-from layerwise.errors import CheckpointError, LayerwiseError, RecipeError
+from layerwise.errors import CheckpointError, LayerwiseError, RecipeError, printable
 from layerwise.factory import build_on_meta, network_from_recipe, parse_recipe
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
@@ -104,7 +104,7 @@ def one_line(text: str) -> str:
     Messages quote strings read from files that may come from strangers; printed raw, such a
     string could break the one-line error or drive the terminal.
     """
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text, keep_newlines=False)
 
 
 def json_depth(value: Any) -> int:

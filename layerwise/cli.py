@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from layerwise import __version__
-from layerwise.errors import LayerwiseError, TrainingInterrupted
+from layerwise.errors import LayerwiseError, TrainingInterrupted, printable
 from layerwise.progress import stderr, stdout
 
 app = typer.Typer(
@@ -132,6 +132,7 @@ def eval_command(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Test accuracy of a trained model, clean and under Gaussian input noise."""
+    from layerwise.checkpoint import find_weights
     from layerwise.noise_eval import check_report_folder, evaluate_noise, parse_noise_levels, write_report
     from layerwise.runs import resolve_run
     from layerwise.trainer import resolve_device
@@ -140,8 +141,8 @@ def eval_command(
     if batch_size < 1:
         raise LayerwiseError(f"--batch-size: expected a value > 0, found {batch_size}")
     where = resolve_device(device, "--device")
-    target = resolve_run(run, runs_dir)
-    eval_dir = (target if target.is_dir() else target.parent) / "eval"
+    target = find_weights(resolve_run(run, runs_dir))  # a recipe given by mistake is named as one first
+    eval_dir = target.parent / "eval"
     check_report_folder(eval_dir)  # before any work: a read-only run folder fails now, not after the sweep
     report = evaluate_noise(target, levels, data_root, where, noise_seed, batch_size,
                             show_progress=not (as_json or no_progress))
@@ -290,10 +291,10 @@ def main() -> None:
             plugin_commands()  # loaded here, not at import: a plugin's import cost is paid only when needed
         app()
     except LayerwiseError as exc:
-        stderr.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        stderr.print(f"[red]error:[/] {escape(printable(str(exc)))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved and how to resume
-        stderr.print(f"[yellow]interrupted:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        stderr.print(f"[yellow]interrupted:[/] {escape(printable(str(exc)))}", highlight=False, soft_wrap=True)
         sys.exit(130)
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted[/]")

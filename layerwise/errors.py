@@ -7,6 +7,14 @@ else is a bug in layerwise and keeps its traceback.
 from __future__ import annotations
 
 
+def printable(text: str, keep_newlines: bool = True) -> str:
+    """``text`` with terminal escapes and other unprintable characters written as Python escapes
+    (newlines kept unless ``keep_newlines`` is False). Error messages quote names from recipes and
+    checkpoints that may come from strangers; printed raw, an escape sequence would drive the
+    terminal (retitle it, recolour it, hide text)."""
+    return "".join(c if c.isprintable() or (keep_newlines and c == "\n") else repr(c)[1:-1] for c in text)
+
+
 class LayerwiseError(Exception):
     """A user-facing error: the message alone must say what is wrong and how to fix it."""
 

@@ -305,7 +305,8 @@ def run_epochs(
     except (KeyboardInterrupt, TrainingInterrupted):  # a second Ctrl-C, or the first at a batch boundary
         raise TrainingInterrupted(interrupted_message(run, epoch, saved, session.group)) from None
     except LayerwiseError as exc:
-        exc.args = (f"{exc}. {kept_message(run, saved, isinstance(exc, NonFiniteError), session.group)}",)
+        nonfinite = recipe.train.on_nonfinite if isinstance(exc, NonFiniteError) else None
+        exc.args = (f"{exc}. {kept_message(run, saved, nonfinite, session.group)}",)
         raise
     if not quiet:
         stdout.print(epoch_table(history))
@@ -330,11 +331,14 @@ def interrupted_message(run: Path, epoch: int, saved: int, group: Group | None =
     return f"stopped during epoch 1, before any epoch was saved. Resume with: {command} (it starts from epoch 1)"
 
 
-def kept_message(run: Path, saved: int, nonfinite: bool, group: Group | None = None) -> str:
-    """What a failed run kept, and what to do next."""
+def kept_message(run: Path, saved: int, nonfinite: str | None, group: Group | None = None) -> str:
+    """What a failed run kept, and what to do next; ``nonfinite`` is the run's ``train.on_nonfinite``
+    when a NaN or infinity stopped it (None for any other failure)."""
     if not saved:
         return f"No epoch had completed, so {run} holds no checkpoint"
-    if nonfinite:
+    if nonfinite == "stop":
         return (f"The last good checkpoint (epoch {saved}) is kept in {run}; to skip such batches instead, "
                 f"set train.on_nonfinite=skip in a new run")
+    if nonfinite == "skip":  # skipping is what failed: a whole epoch had nothing finite to train on
+        return f"The last good checkpoint (epoch {saved}) is kept in {run}"
     return f"The last complete epoch ({saved}) is kept in {run}; fix the cause, then: {resume_command(run, group)}"

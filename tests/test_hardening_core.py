@@ -177,3 +177,21 @@ def test_an_objective_width_check_names_the_block_and_key_path():
         with pytest.raises(LayerwiseError, match=r"^tiny: model\.subnetworks\[0\]\.blocks\[0\] \('hsic1'\)\.objective "
                                                   r"\(needs_ten\): needs one feature per class"):
             network_from_recipe(parse_recipe(data, "r.yaml"))
+
+
+def test_an_all_skipped_epoch_in_skip_mode_does_not_advise_skip_mode(tmp_path):
+    from layerwise.train_run import kept_message
+
+    assert "set train.on_nonfinite=skip" in kept_message(tmp_path, 2, "stop")
+    in_skip_mode = kept_message(tmp_path, 2, "skip")
+    assert "on_nonfinite=skip" not in in_skip_mode and "epoch 2" in in_skip_mode
+
+
+def test_an_unknown_name_with_a_terminal_escape_is_printed_escaped(cli, tmp_path):
+    data = tiny_recipe()
+    data["model"]["subnetworks"][0]["blocks"][0]["layer"] = "\x1b]0;pwned\x07linear"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps(data))
+    result = cli("validate", str(recipe))
+    assert result.code == 2 and "unknown layer" in result.err
+    assert "\x1b" not in result.err and "\x07" not in result.err and "\\x1b]0;pwned\\x07" in result.err

@@ -218,7 +218,7 @@ def test_printed_commands_quote_their_paths(tmp_path):
 
     odd = tmp_path / "runs; touch PWNED" / "tiny-$(id)-`id`"
     assert shlex.split(resume_command(odd, None))[-1] == str(odd)
-    for message in (interrupted_message(odd, 2, 1), kept_message(odd, 1, False)):
+    for message in (interrupted_message(odd, 2, 1), kept_message(odd, 1, None)):
         assert shlex.split(message.split("Resume with: ")[-1].split("then: ")[-1])[3] == str(odd)
     odd.mkdir(parents=True)
     (odd / WEIGHTS_FILE).write_bytes(b"")
