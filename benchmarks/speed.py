@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from layerwise.atomic import write_text_atomic
-from layerwise.factory import load_recipe, network_from_recipe
+from layerwise.factory import load_recipe, network_from_recipe, parse_recipe
 from layerwise.recipe import Recipe
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
@@ -51,18 +51,19 @@ def is_backprop(recipe: Recipe) -> bool:
 
 
 def backprop_twin(recipe: Recipe) -> Recipe:
-    """The same layers with every objective ``none`` and nothing detached: plain backprop."""
-    twin = dataclasses.replace(recipe, name=f"{recipe.name}-as-backprop")
-    twin.model = dataclasses.replace(recipe.model, subnetworks=[
-        dataclasses.replace(sub, blocks=[dataclasses.replace(b, objective="none", detach=False) for b in sub.blocks])
-        for sub in recipe.model.subnetworks
-    ])
-    return twin
+    """The same layers with every objective ``none`` and nothing detached: plain backprop.
+    Rebuilt through validation, so that each block's objective config is built as for any recipe."""
+    data = recipe.to_dict()
+    data["name"] = f"{recipe.name}-as-backprop"
+    for sub in data["model"]["subnetworks"]:
+        for block in sub["blocks"]:
+            block.update(objective="none", detach=False)
+    return parse_recipe(data, data["name"])
 
 
 def widths(recipe: Recipe) -> tuple:
     """What fixes a network's cost whatever trains it: each block without its name and objective."""
-    ignored = ("name", "objective", "detach", "freeze")
+    ignored = ("name", "objective", "objective_config", "detach", "freeze")
     return tuple(tuple(repr(v) for k, v in dataclasses.asdict(b).items() if k not in ignored)
                  for b in recipe.model.blocks())
 

@@ -18,10 +18,12 @@ import torch
 
 from layerwise import recipe as recipes
 from layerwise.data import DatasetSpec
+from layerwise.errors import RecipeError
 from layerwise.graph import Block, Network, ObjectiveSpec
 from layerwise.layers import build_body
 from layerwise.plugins import registries
-from layerwise.recipe import Recipe, block_paths
+from layerwise.recipe import Recipe, block_paths, objective_config
+from layerwise.schema import Problems
 from layerwise.shipped import resolve_recipe_path
 
 
@@ -48,7 +50,13 @@ def recipe_blocks(recipe: Recipe) -> list[Block]:
     paths = block_paths(recipe)
     blocks = []
     for cfg in recipe.model.blocks():
-        objective = ObjectiveSpec(cfg.objective_name, regs.objectives.get(cfg.objective_name), cfg.objective_config)
+        config = cfg.objective_config
+        if config is None:  # a block made or copied (dataclasses.replace) without validation
+            problems = Problems(context=regs)
+            config = objective_config(cfg.objective, f"{paths[cfg.name]}.objective", regs.objectives, problems)
+            if problems:
+                raise RecipeError(recipe.name, problems.items)
+        objective = ObjectiveSpec(cfg.objective_name, regs.objectives.get(cfg.objective_name), config)
         make = functools.partial(build_body, cfg, regs.layers.get(cfg.layer))
         blocks.append(Block(cfg.name, make, objective, inputs=cfg.inputs, detach=cfg.detach, freeze=cfg.freeze,
                             where=f"{paths[cfg.name]} ('{cfg.name}')"))

@@ -187,3 +187,18 @@ def test_the_python_snippet_and_its_recipe_train_the_same_weights(tmp_path, mnis
     for key, value in saved.items():
         assert torch.equal(mine[key], value), f"{key} differs"
     assert lw.evaluate(net, "mnist") == lw.evaluate(lw.load_model(run.path), "mnist") == {0.0: run.final["test_acc"]}
+
+
+def test_a_recipe_block_copied_without_validation_still_gets_its_objective_config():
+    import dataclasses
+
+    from layerwise.factory import network_from_recipe
+
+    recipe = parse_recipe(tiny_recipe(), "tiny")
+    sub = recipe.model.subnetworks[0]
+    sub.blocks[0] = dataclasses.replace(sub.blocks[0], objective={"name": "nhsic", "sigma": 7})
+    assert sub.blocks[0].objective_config is None  # dataclasses.replace skips the derived field
+    assert network_from_recipe(recipe).blocks["hsic1"].objective.config.sigma == 7
+    sub.blocks[0] = dataclasses.replace(sub.blocks[0], objective={"name": "nhsic", "sigma": "x"})
+    with pytest.raises(RecipeError, match=r"blocks\[0\]\.objective\.sigma: expected a number"):
+        network_from_recipe(recipe)
