@@ -8,6 +8,7 @@ is then trained on all 60,000 images with three seeds and scored on the test set
 
     python benchmarks/python_snippet.py          # resumable: finished runs are kept in the JSON
     python benchmarks/python_snippet.py --check  # only rewrite the table from the JSON
+    python benchmarks/python_snippet.py --tiny --out DIR  # seconds: 2048 images, for the tests
 
 Writes docs/results/python-snippet.json and docs/results/python-snippet.md.
 """
@@ -46,15 +47,20 @@ def snippet_network() -> lw.Network:
     ])
 
 
-def one_run(batch_size: int, seed: int, validation: bool) -> dict:
-    """Train one epoch; score on the held-out split (validation) or the test set."""
+def one_run(batch_size: int, seed: int, validation: bool, limit: int | None = None) -> dict:
+    """Train one epoch; score on the held-out split (validation) or the test set. ``limit`` keeps
+    the first training images only, and a tenth as many to score on (the tiny mode)."""
     spec = registries().datasets.get("mnist")
     images, labels = load_split(spec, "train")
+    held_out = VALIDATION if limit is None else limit // 10
     if validation:
-        score_images, score_labels = images[-VALIDATION:], labels[-VALIDATION:]
-        images, labels = images[:-VALIDATION], labels[:-VALIDATION]
+        score_images, score_labels = images[-held_out:], labels[-held_out:]
+        images, labels = images[:-held_out], labels[:-held_out]
     else:
         score_images, score_labels = load_split(spec, "test")
+    if limit is not None:
+        images, labels, score_images, score_labels = images[:limit], labels[:limit], score_images[:held_out], \
+            score_labels[:held_out]
     train = BatchStream(spec, images, labels, batch_size=batch_size, shuffle=True, seed=seed)
     train.set_epoch(1)
     torch.manual_seed(seed)
@@ -72,8 +78,9 @@ def table(state: dict) -> str:
     """The markdown report: the validation sweep, then the chosen size on the test set."""
     machine = state["machine"]
     lines = [f"The docs/python.md network (conv 32 + nHSIC, LazyLinear head), one epoch on MNIST "
-             f"(`{COMMAND}`, {machine['cpu']}, {machine['threads']} torch thread):", "",
-             f"| batch size | validation acc % (seed 0, last {VALIDATION:,} training images held out) |", "|---|---|"]
+             f"(`{state['command']}`, {machine['cpu']}, {machine['threads']} torch thread):", "",
+             f"| batch size | validation acc % (seed 0, last {state['held_out']:,} training images held out) |",
+             "|---|---|"]
     for record in state["records"].values():
         if record["split"] == "validation":
             lines.append(f"| {record['batch_size']} | {100 * record['acc']:.2f} |")
@@ -88,32 +95,39 @@ def table(state: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only rewrite the table from the JSON")
+    parser.add_argument("--tiny", action="store_true", help="2048 training images, batch sizes 64 and 128, one seed")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for python-snippet.json and .md")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = RESULTS / "python-snippet.json"
+    limit, batch_sizes, seeds = (2048, (64, 128), (0,)) if args.tiny else (None, BATCH_SIZES, SEEDS)
+    path = args.out / "python-snippet.json"
     state = json.loads(path.read_text()) if path.exists() else {"records": {}}
     state["machine"] = state.get("machine") or {"cpu": cpu_name(), "threads": torch.get_num_threads()}
+    state["command"] = COMMAND + (" --tiny" if args.tiny else "")
+    state["held_out"] = VALIDATION if limit is None else limit // 10
     if not args.check:
-        for batch_size in BATCH_SIZES:
+        for batch_size in batch_sizes:
             key = f"validation-{batch_size}"
             if key not in state["records"]:
-                state["records"][key] = one_run(batch_size, 0, validation=True)
+                state["records"][key] = one_run(batch_size, 0, validation=True, limit=limit)
                 path.write_text(json.dumps(state, indent=1))
                 print(state["records"][key], flush=True)
         validation = [r for r in state["records"].values() if r["split"] == "validation"]
         chosen = max(validation, key=lambda r: r["acc"])["batch_size"]
-        for seed in SEEDS:
+        for seed in seeds:
             key = f"test-{chosen}-{seed}"
             if key not in state["records"]:
-                state["records"][key] = one_run(chosen, seed, validation=False)
+                state["records"][key] = one_run(chosen, seed, validation=False, limit=limit)
                 path.write_text(json.dumps(state, indent=1))
                 print(state["records"][key], flush=True)
-    (RESULTS / "python-snippet.md").write_text(table(state))
+    path.write_text(json.dumps(state, indent=1))
+    (args.out / "python-snippet.md").write_text(table(state))
     print(table(state))
+    return state
 
 
 if __name__ == "__main__":

@@ -85,3 +85,13 @@ def test_memory_benchmark_tiny(tmp_path):
                                   "--out", str(tmp_path)])
     assert [(r["method"], r["depth"]) for r in result["rows"]] == [("backprop", 2), ("hsic", 2)]
     assert all(r["peak_mib"] >= 0 for r in result["rows"])
+
+
+def test_python_snippet_benchmark_tiny(tmp_path):
+    state = load("python_snippet").main(["--tiny", "--out", str(tmp_path)])
+    validation = {r["batch_size"]: r["acc"] for r in state["records"].values() if r["split"] == "validation"}
+    tests = [r for r in state["records"].values() if r["split"] == "test"]
+    assert set(validation) == {64, 128} and len(tests) == 1
+    assert tests[0]["batch_size"] == max(validation, key=validation.get)  # chosen on validation, not test
+    assert 0.2 < tests[0]["acc"] <= 1.0
+    assert "--tiny" in (tmp_path / "python-snippet.md").read_text()
