@@ -12,7 +12,8 @@ import itertools
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ from layerwise.runs import (
 )
 from layerwise.trainer import Trainer, evaluate, resolve_device
 
+EpochCallback = Callable[[Path, dict], None]
+"""``callback(run_folder, record)``: told of each epoch once it is saved (its metrics.jsonl record)."""
+
 
 @dataclass
 class Session:
@@ -53,6 +57,7 @@ class Session:
     test_stream: BatchStream
     val_stream: BatchStream | None
     group: Group | None = None  # several processes (torchrun): this one's rank; None: one process
+    callbacks: list[EpochCallback] = field(default_factory=list)  # called after each saved epoch, rank 0
 
     @property
     def is_main(self) -> bool:
@@ -66,10 +71,13 @@ def train_recipe(
     data_root: str | Path | None = None,
     show_progress: bool = True,
     quiet: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> Path:
     """Train ``recipe`` to the end in a new run folder, checkpointing every epoch; return the folder.
 
     ``quiet`` drops the per-epoch lines and the final table (for scripts running many recipes).
+    ``callbacks`` are called as ``callback(run, record)`` after each epoch is saved (in rank 0
+    only); an exception from one stops training there, with that epoch kept.
 
     Launched by torchrun, this process trains its share of every batch (see
     :mod:`layerwise.distributed`); only rank 0 creates and writes the run folder and returns
@@ -79,6 +87,7 @@ def train_recipe(
         session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
+        session.callbacks = list(callbacks)
         run, lock = create_run_dir(runs_root, recipe, session.device)  # locked: no resume may write it meanwhile
         with lock:
             if not quiet:
@@ -93,8 +102,10 @@ def resume_run(
     data_root: str | Path | None = None,
     show_progress: bool = True,
     quiet: bool = False,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> Path | None:
-    """Continue the run in ``run_dir`` from its last complete epoch, in the same folder.
+    """Continue the run in ``run_dir`` from its last complete epoch, in the same folder
+    (``callbacks`` as for :func:`train_recipe`).
 
     Weights, optimizer states, random generators and the epoch come from the resume state, so
     on the same machine, with as many processes, the finished run is bit-identical to one that
@@ -134,6 +145,7 @@ def resume_run(
             # The state is written first at each epoch's end: bring the other files up to it.
             save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
         log.replace(history)
+        session.callbacks = list(callbacks)
         if not quiet:
             stderr.print(f"[bold]{recipe.name}[/]: {resume_note(run, recipe, state, group)}")
         return run_epochs(session, run, log, history, show_progress, quiet)
@@ -294,6 +306,8 @@ def run_epochs(
                 save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
                 log.append(record)
                 history.append(record)
+                for callback in session.callbacks:
+                    callback(run, record)
                 bars.advance(epochs)
                 val = f", val acc {record['val_acc']:.2%}" if session.val_stream is not None else ""
                 skipped = (f", {record['skipped_batches']} non-finite batches skipped"

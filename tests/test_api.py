@@ -202,3 +202,23 @@ def test_a_recipe_block_copied_without_validation_still_gets_its_objective_confi
     sub.blocks[0] = dataclasses.replace(sub.blocks[0], objective={"name": "nhsic", "sigma": "x"})
     with pytest.raises(RecipeError, match=r"blocks\[0\]\.objective\.sigma: expected a number"):
         network_from_recipe(recipe)
+
+
+@pytest.mark.integration
+def test_epoch_callbacks_see_each_saved_epoch_and_can_stop_training(tmp_path, mnist_available):
+    from layerwise.runs import read_metrics
+    from layerwise.train_run import train_recipe
+
+    seen = []
+
+    def stop_after_two(run, record):
+        seen.append((run, record["epoch"], (run / "model.safetensors").exists()))
+        if record["epoch"] == 2:
+            raise KeyError("enough")
+
+    recipe = parse_recipe(tiny_recipe(train_limit=256), "tiny", ["train.epochs=3"])
+    with pytest.raises(KeyError, match="enough"):
+        train_recipe(recipe, tmp_path / "runs", show_progress=False, quiet=True, callbacks=[stop_after_two])
+    run = seen[0][0]
+    assert [(epoch, saved) for _, epoch, saved in seen] == [(1, True), (2, True)]
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
