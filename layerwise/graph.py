@@ -223,8 +223,8 @@ class Network(nn.Module):
             objective = block.spec.build(info)
         except LayerwiseError as exc:
             raise LayerwiseError(f"{self.name}: {block.where}.objective ({block.spec.name}): {exc}") from None
-        device = next(block.body.parameters(), None)
-        block.objective = objective if device is None else objective.to(device.device)
+        weight = next(block.body.parameters(), None)  # helper modules follow their block's device
+        block.objective = objective if weight is None else objective.to(weight.device)
 
     @property
     def device(self) -> torch.device:
