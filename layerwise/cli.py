@@ -74,6 +74,10 @@ def train(
     nproc: Annotated[int | None, typer.Option(
         "--nproc", help="Train data-parallel in N processes (runs torchrun --standalone --nproc_per_node N; "
                         "see docs/distributed.md).", show_default=False)] = None,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard", help="Write TensorBoard event files (per-epoch scalars, every block's local metrics, the "
+                              "recipe's hyper-parameters) to RUN/tb/: the override train.tensorboard=true, so a "
+                              "resume keeps logging (needs layerwise\\[tensorboard]).")] = False,
 ) -> None:
     """Train the network a recipe declares, writing a run folder with checkpoints and metrics.
 
@@ -88,6 +92,11 @@ def train(
     if resume and overrides:
         raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "
                              f"continues the recipe it started with; start a new run to change it")
+    if resume and tensorboard:
+        raise LayerwiseError("--resume takes no --tensorboard: a resumed run logs to TensorBoard when it was "
+                             "started with --tensorboard (train.tensorboard: true in its recipe.yaml)")
+    if tensorboard:
+        overrides = [*(overrides or []), "train.tensorboard=true"]
     if nproc is not None:
         if nproc < 1:
             raise LayerwiseError(f"--nproc: expected a number of processes >= 1, found {nproc}")
@@ -104,6 +113,10 @@ def train(
             parsed = load_recipe(resolve_recipe_path(recipe), overrides or [])
         # Checked here, once, so a mistake is one line instead of one failure per worker.
         check_batch_divides(parsed.data.batch_size, nproc)
+        if parsed.train.tensorboard:
+            from layerwise.tensorboard_log import require_tensorboard
+
+            require_tensorboard()
         options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
         code = launch(nproc, ["train", *target, *options, *(["--no-progress"] if no_progress else [])])
         raise typer.Exit(code)
@@ -251,16 +264,162 @@ def new_plugin(
 
 
 @app.command()
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(
+        help="Run folders or glob patterns, e.g. runs/latest 'runs/mnist_*' (quoted patterns are expanded here). "
+             "Default: every run under --runs-dir.", show_default=False, metavar="RUN_OR_GLOB")] = None,
+    sort: Annotated[str | None, typer.Option(
+        "--sort", help="Order rows by test_acc, best_test_acc, val_acc, best_val_acc or noise:LEVEL (best first), "
+                       "or by name, train_seconds, params, epochs.", show_default=False, metavar="KEY")] = None,
+    no_group: Annotated[bool, typer.Option(
+        "--no-group", help="One row per run, instead of one row (mean ± std) per recipe that differs only "
+                           "in seed.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help=r"Also write a PNG of test (and validation) accuracy per epoch, one line per run "
+                       r"(needs layerwise\[plot]).", show_default=False, metavar="FILE")] = None,
+    runs_dir: RunsOpt = Path("runs"),
+) -> None:
+    """Compare runs in one table: recipe, what trains each block, epochs, final and best test and validation
+    accuracy, noise results from 'layerwise eval', train time, parameters. Runs of one recipe that differ only
+    in seed form one row, mean ± std."""
+    from layerwise.compare import check_plot_target, compare_runs, plot_rows, print_table, rows_json, table
+
+    def warn(message: str) -> None:
+        stderr.print(f"[yellow]warning:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+
+    if plot_file is not None:
+        check_plot_target(plot_file)
+    rows = compare_runs(runs or [str(runs_dir / "*")], warn, group=not no_group, sort=sort)
+    written = plot_rows(rows, plot_file) if plot_file is not None else None
+    if as_json:
+        sys.stdout.write(json.dumps(rows_json(rows), indent=2) + "\n")
+    else:
+        print_table(stdout, table(rows))
+    if written is not None:
+        (stderr if as_json else stdout).print(f"Wrote {written}")
+
+
+@app.command()
+def tune(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p", help="A recipe key and its search space, KEY=SPACE (repeat for each key), e.g. "
+                              "optim.local.lr=log:1e-4..1e-2.", show_default=False, metavar="KEY=SPACE")] = None,
+    trials: Annotated[int | None, typer.Option(
+        "--trials", help="The study's total of finished trials (complete, pruned, or failed on a NaN loss), "
+                         "counted over every process sharing it (default: the grid's size, else 20).",
+        show_default=False)] = None,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Train each configuration once per seed, e.g. 0,1,2, and judge it on the mean "
+                        "(default: once, with the recipe's seed).", show_default=False)] = None,
+    metric: Annotated[str, typer.Option(
+        "--metric", help="val_acc (the last epoch's validation accuracy) or best_val_acc (the best epoch's); "
+                         "never a test accuracy.")] = "val_acc",
+    storage: Annotated[str | None, typer.Option(
+        "--storage", help="Optuna RDB storage URL, e.g. sqlite:///tune.db: the same command continues the search "
+                          "after a kill, and processes started with it share the trials (on several machines "
+                          "with a postgresql:// or mysql:// URL). Default: in memory.", show_default=False)] = None,
+    study: Annotated[str | None, typer.Option(
+        "--study", help="The study's name in the storage (default: the recipe's name).", show_default=False)] = None,
+    sampler_seed: Annotated[int, typer.Option(
+        "--sampler-seed", help="Seed of the sampler (TPE, or the grid's order).")] = 0,
+    no_pruning: Annotated[bool, typer.Option(
+        "--no-pruning", help="Train every trial to its last epoch (default: Optuna's median pruner stops "
+                             "trials on the first seed's per-epoch validation accuracy).")] = False,
+    runs_dir: Annotated[Path | None, typer.Option(
+        "--runs-dir", help="Where the trials' run folders go (default: runs/tune-STUDY).", show_default=False)] = None,
+    data_root: DataRootOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the trials as JSON on stdout.")] = False,
+) -> None:
+    r"""Search hyper-parameters with Optuna, choosing on validation accuracy; every trial is a normal run
+    folder (needs layerwise\[tune]).
+
+    SPACE is log:1e-4..1e-2 (a float on a log scale), float:0.1..0.9 or 0.1..0.9 (a float),
+    int:16..256 or int:16..256:log (an integer), choice:relu,tanh,gelu (values read as YAML scalars), or
+    grid:1,5,10 (every combination of the grid keys, in Optuna's GridSampler; then every --param is a grid).
+    Each KEY is checked against the recipe before anything trains. The recipe must hold out validation data
+    (data.validation=N, the last N training samples); the test set is never used to choose.
+
+    Trials are named RECIPE-tN; the table at the end marks the best one with *. Several processes given the
+    same --storage and --study share one search: Optuna's storage is the only coordination, and a trial
+    whose process died is queued again and continues its run folders.
+    """
+    from layerwise.tune import optuna_module, results_table, run_search, summary_lines
+
+    optuna_module()  # a missing extra is said before anything else
+    result = run_search(recipe, param or [], overrides or [], trials=trials, seeds=seeds, metric=metric,
+                        storage=storage, study_name=study, sampler_seed=sampler_seed, pruning=not no_pruning,
+                        runs_dir=runs_dir, data_root=data_root)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        return
+    stdout.print(results_table(result))
+    for line in summary_lines(result):
+        stdout.print(escape(printable(line)), highlight=False)
+
+
+@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run folders to draw together.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNG files.")] = Path("plots"),
+    probes: Annotated[bool, typer.Option(
+        "--probes", help="Also draw probes.png (linear-probe test accuracy per block, from each run's "
+                         "eval/probe-latest.json: run 'layerwise probe RUN' first) and infoplane-RUN.png "
+                         "(nHSIC(Z,X) against nHSIC(Z,Y) per block over the epochs the run logged).")] = False,
 ) -> None:
     # Raw docstring with "\[": typer renders help as rich markup, where a bare "[plot]" is a style tag and vanishes.
-    r"""Draw test accuracy per epoch, and accuracy against noise from each run's eval/ (needs layerwise\[plot])."""
-    from layerwise.plot import plot_runs
+    r"""Draw test accuracy per epoch, accuracy against noise from each run's eval/, and with --probes probe
+    accuracy per block and the information plane (needs layerwise\[plot])."""
+    from layerwise.plot import plot_probes, plot_runs
 
-    for path in plot_runs(runs, out):
+    for path in plot_runs(runs, out) + (plot_probes(runs, out) if probes else []):
         stdout.print(f"Wrote {path}")
+
+
+@app.command()
+def probe(
+    run: Annotated[Path | None, typer.Argument(help="Run folder or its model.safetensors (default: runs/latest).",
+                                               show_default=False)] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs of each linear classifier's training.")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the classifiers' training.")] = 256,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate of the classifiers.")] = 1e-2,
+    train_limit: Annotated[int, typer.Option(
+        "--train-limit", help="Train the classifiers on the first N training samples (0: all).")] = 10_000,
+    hsic_batch: Annotated[int | None, typer.Option(
+        "--hsic-batch", help="Test samples per nHSIC batch (default: the run's data.batch_size, as in its "
+                             "training log).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the classifiers' batch order.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+    runs_dir: RunsOpt = Path("runs"),
+    data_root: DataRootOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
+) -> None:
+    """Linear probe of every block: a linear classifier trained on its frozen features, its test accuracy,
+    and nHSIC(Z,X) and nHSIC(Z,Y) on the test set. The report goes to RUN/eval/probe-latest.json.
+    """
+    from layerwise.checkpoint import find_weights
+    from layerwise.noise_eval import check_report_folder
+    from layerwise.probe import check_options, probe_report, report_table, write_report
+    from layerwise.runs import resolve_run
+    from layerwise.trainer import resolve_device
+
+    check_options(epochs, batch_size, lr, train_limit, hsic_batch)
+    where = resolve_device(device, "--device")
+    target = find_weights(resolve_run(run, runs_dir))
+    eval_dir = target.parent / "eval"
+    check_report_folder(eval_dir)  # before any work: a read-only run folder fails now
+    report = probe_report(target, epochs=epochs, batch_size=batch_size, lr=lr, train_limit=train_limit,
+                          hsic_batch=hsic_batch, seed=seed, device=where, data_root=data_root,
+                          show_progress=not (as_json or no_progress))
+    path = write_report(report, eval_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    stdout.print(report_table(report))
+    stdout.print(f"Report: {path}")
 
 
 BUILTIN_COMMANDS = frozenset(

@@ -213,6 +213,10 @@ class TrainConfig:
     free_early: bool = True
     # bf16 runs the forward pass under autocast in bfloat16 (nHSIC kernels stay in float32).
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Write TensorBoard event files (per-epoch scalars, every block's local metrics, the recipe as
+    # hyper-parameters) to the run's tb/ folder; `layerwise train --tensorboard` sets it. Needs the
+    # optional extra: pip install 'layerwise[tensorboard]'.
+    tensorboard: bool = False
 
 
 @dataclass

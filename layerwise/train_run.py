@@ -39,6 +39,7 @@ from layerwise.runs import (
     lock_run,
     read_metrics,
 )
+from layerwise.tensorboard_log import tensorboard_callbacks
 from layerwise.trainer import Trainer, evaluate, resolve_device
 
 EpochCallback = Callable[[Path, dict], None]
@@ -83,11 +84,12 @@ def train_recipe(
     :mod:`layerwise.distributed`); only rank 0 creates and writes the run folder and returns
     its path, the other ranks return None.
     """
-    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group:
+    with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
+          joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group):
         session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
-        session.callbacks = list(callbacks)
+        session.callbacks = [*callbacks, *loggers]
         run, lock = create_run_dir(runs_root, recipe, session.device)  # locked: no resume may write it meanwhile
         with lock:
             if not quiet:
@@ -117,7 +119,9 @@ def resume_run(
     """
     run = run_folder_to_resume(run_dir)
     recipe = load_recipe(run / "recipe.yaml")
-    with joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group, contextlib.ExitStack() as held:
+    with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
+          joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group,
+          contextlib.ExitStack() as held):
         rank = 0 if group is None else group.rank
         if rank == 0:
             check_unlocked(run)  # another process trains it: say so before anything else
@@ -145,7 +149,7 @@ def resume_run(
             # The state is written first at each epoch's end: bring the other files up to it.
             save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
         log.replace(history)
-        session.callbacks = list(callbacks)
+        session.callbacks = [*callbacks, *loggers]
         if not quiet:
             stderr.print(f"[bold]{recipe.name}[/]: {resume_note(run, recipe, state, group)}")
         return run_epochs(session, run, log, history, show_progress, quiet)
