@@ -374,7 +374,8 @@ def plot(
     accuracy per block and the information plane (needs layerwise\[plot])."""
     from layerwise.plot import plot_probes, plot_runs
 
-    for path in plot_runs(runs, out) + (plot_probes(runs, out) if probes else []):
+    probe_figures = plot_probes(runs, out) if probes else []  # first: a run with no probe report fails early
+    for path in plot_runs(runs, out) + probe_figures:
         stdout.print(f"Wrote {path}")
 
 

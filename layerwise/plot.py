@@ -181,7 +181,7 @@ def draw_information_plane(run_name: str, history: list[dict], report: dict | No
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     curves = information_plane(history)
     probed = {row["block"]: row for row in (report or {}).get("rows", []) if "hsic_zx" in row and "hsic_zy" in row}
-    blocks = list(curves) + [block for block in probed if block not in curves]
+    blocks = list(probed) + [block for block in curves if block not in probed]  # the report's is evaluation order
     for index, block in enumerate(blocks):
         color = colors[index % len(colors)]
         if block in curves:

@@ -89,7 +89,7 @@ def train_recipe(
         session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
-        session.callbacks = [*callbacks, *loggers]
+        session.callbacks = [*loggers, *callbacks]  # the saved epoch is logged before a callback may stop
         run, lock = create_run_dir(runs_root, recipe, session.device)  # locked: no resume may write it meanwhile
         with lock:
             if not quiet:
@@ -149,7 +149,7 @@ def resume_run(
             # The state is written first at each epoch's end: bring the other files up to it.
             save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
         log.replace(history)
-        session.callbacks = [*callbacks, *loggers]
+        session.callbacks = [*loggers, *callbacks]  # the saved epoch is logged before a callback may stop
         if not quiet:
             stderr.print(f"[bold]{recipe.name}[/]: {resume_note(run, recipe, state, group)}")
         return run_epochs(session, run, log, history, show_progress, quiet)

@@ -377,7 +377,7 @@ class Search:
         trial.set_user_attr("seeds", [self.base.seed if seed is None else seed for seed in seeds])
         previous = list(trial.user_attrs.get("resume_runs") or [])
         runs: list[str] = []
-        epochs: list[int] = []  # the epochs the first seed has reported
+        epochs: list[int] = []  # the epochs the first seed has reported to the pruner
         retry = trial.user_attrs.get("retry_of")
         again = f" (retrying trial {retry})" if retry is not None else ""
         self.say(f"trial {trial.number}{again}: {self.describe(params)}")
@@ -387,11 +387,13 @@ class Search:
                 report = self.reporter(trial, index, runs, epochs)
                 run = self.resume(previous[index], report) if index < len(previous) and previous[index] else None
                 if run is None:
+                    del runs[index:]  # a folder that could not be continued: this seed's run is a new one
+                    report = self.reporter(trial, index, runs, epochs)
                     run = train_recipe(self.trial_recipe(params, trial.number, seed), self.runs_dir, self.data_root,
                                        show_progress=False, quiet=True, callbacks=[report])
                 values.append(self.value(read_metrics(Path(run) / METRICS_FILE), run))
         except self.optuna.TrialPruned:
-            self.say(f"trial {trial.number}: pruned after epoch {epochs[-1] if epochs else 0}, {', '.join(runs)}")
+            self.say(f"trial {trial.number}: pruned after epoch {epochs[-1]}, {', '.join(runs)}")
             raise
         except NonFiniteError as exc:
             # This configuration diverges: a result of the search, recorded, and the search goes on.
@@ -421,9 +423,9 @@ class Search:
                 return
             score = self.epoch_score(record, run)
             best[0] = max(best[0], score)
+            if not self.pruning or record["epoch"] in epochs:
+                return  # each epoch is reported once, even where a run had to start again
             epochs.append(record["epoch"])
-            if not self.pruning:
-                return
             trial.report(best[0] if self.metric == "best_val_acc" else score, record["epoch"])
             if trial.should_prune():
                 raise self.optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
@@ -758,6 +760,12 @@ def optimize(study, search: Search, target: int, storage: str | None) -> None:
             study.optimize(search.objective, n_trials=1)
         except (TrainingInterrupted, KeyboardInterrupt):
             raise TrainingInterrupted(interrupted_message(study, search, storage)) from None
+        except search.optuna.exceptions.UpdateFinishedTrialError:
+            # This process was silent for longer than the grace period (suspended, say), so another one
+            # failed its trial and queued it again: that retry owns the configuration now.
+            number = search.current.number if search.current is not None else "?"
+            search.say(f"trial {number} was failed by another process after {GRACE_PERIOD} s without a heartbeat "
+                       f"and queued again there; this process drops its result")
         except LayerwiseError as exc:
             if search.current is None:
                 raise

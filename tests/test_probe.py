@@ -161,10 +161,10 @@ def test_probe_a_two_block_network_then_plot_it(mnist_available, cli, tmp_path):
     assert (hsic1["hsic_from"], head["hsic_from"]) == ("own objective", "first nhsic block 'hsic1'")
     assert hsic1["test_acc"] > 0.5  # far above chance (0.1), even after one epoch on 512 samples
 
-    table = cli("probe", str(run), "--train-limit", "256", "--epochs", "1", "--hsic-batch", "1000", "--no-progress")
+    table = cli("probe", str(run), "--train-limit", "256", "--epochs", "1", "--hsic-batch", "500", "--no-progress")
     assert table.code == 0, table.err
     text = " ".join(table.out.split())
-    assert "hsic1" in text and "head" in text and "batches of 1000" in text and "Report:" in text
+    assert "hsic1" in text and "head" in text and "20 batches of 500" in text and "Report:" in text
 
     plotted = cli("plot", str(run), "--probes", "--out", str(tmp_path / "plots"))
     assert plotted.code == 0, plotted.err
@@ -178,7 +178,7 @@ def test_probe_run_from_python_returns_the_rows(mnist_available, tmp_path):
     from tests.helpers import make_finished_run
 
     run = make_finished_run(tmp_path / "run")  # the tiny recipe's four blocks, stepped once
-    rows = probe_run(run, train_limit=256, epochs=1, hsic_batch=1000)
+    rows = probe_run(run, train_limit=256, epochs=1, hsic_batch=250)
     assert [row["block"] for row in rows] == ["hsic1", "bp1", "head"]
     assert all(set(row) == ROW_FIELDS and 0 <= row["test_acc"] <= 1 for row in rows)
     assert not (run / "eval" / "probe-latest.json").exists()  # the Python function writes nothing

@@ -157,3 +157,26 @@ def test_training_with_the_flag_logs_what_metrics_jsonl_holds(mnist_available, c
     assert {"blocks/hsic1/hsic_zx", "blocks/hsic1/hsic_zy", "blocks/hsic1/loss", "accuracy/test"} <= set(expected)
     assert logged == expected
     assert logged_hparams(run / TB_FOLDER)["train.tensorboard"] == "true"
+
+
+@pytest.mark.integration
+def test_a_resumed_run_keeps_logging_to_the_same_folder(mnist_available, tmp_path):
+    from layerwise.train_run import resume_run, train_recipe
+
+    data = tiny_recipe(train_limit=128)
+    data["train"].update(epochs=2, tensorboard=True)
+
+    def stop_after_the_first_epoch(run, record):
+        raise LayerwiseError("stopped by the test")
+
+    with pytest.raises(LayerwiseError, match=r"last complete epoch \(1\) is kept"):
+        train_recipe(parse_recipe(data, "tiny"), tmp_path / "runs", show_progress=False, quiet=True,
+                     callbacks=[stop_after_the_first_epoch])
+    run = (tmp_path / "runs" / "latest").resolve()
+    assert [step for step, _ in logged_scalars(run / TB_FOLDER)["accuracy/test"]] == [1]  # logged before the stop
+    resume_run(run, show_progress=False, quiet=True)
+    assert len(list((run / TB_FOLDER).glob("events.out.tfevents.*"))) == 2  # one per process, one run in TensorBoard
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged_scalars(run / TB_FOLDER)["accuracy/test"] == [
+        (r["epoch"], pytest.approx(r["test_acc"], rel=1e-6)) for r in records]
+    assert [r["epoch"] for r in records] == [1, 2]
