@@ -760,18 +760,25 @@ def optimize(study, search: Search, target: int, storage: str | None) -> None:
             study.optimize(search.objective, n_trials=1)
         except (TrainingInterrupted, KeyboardInterrupt):
             raise TrainingInterrupted(interrupted_message(study, search, storage)) from None
-        except search.optuna.exceptions.UpdateFinishedTrialError:
-            # This process was silent for longer than the grace period (suspended, say), so another one
-            # failed its trial and queued it again: that retry owns the configuration now.
-            number = search.current.number if search.current is not None else "?"
-            search.say(f"trial {number} was failed by another process after {GRACE_PERIOD} s without a heartbeat "
-                       f"and queued again there; this process drops its result")
+        except (search.optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            # Optuna's words when a trial it runs was finished meanwhile: this process was silent for longer
+            # than the grace period (suspended, say), so another one failed the trial and queued it again.
+            if not taken_over(study, search.current):
+                raise
+            search.say(f"trial {search.current.number} was failed by another process after {GRACE_PERIOD} s "
+                       f"without a heartbeat, and queued again; this process drops its result")
         except LayerwiseError as exc:
             if search.current is None:
                 raise
             params = search.describe(search.current.params)
             raise LayerwiseError(f"trial {search.current.number} ({params}): {exc}") from None
         done, running = count()
+
+
+def taken_over(study, trial) -> bool:
+    """Whether another process failed ``trial`` (this process's, running) and queued it again."""
+    return trial is not None and any(t.user_attrs.get("retry_of") == trial.number
+                                     for t in study.get_trials(deepcopy=False))
 
 
 def interrupted_message(study, search: Search, storage: str | None) -> str:
@@ -863,9 +870,13 @@ def summary_lines(result: TuneResult) -> list[str]:
     if result.best is None:
         return ["No trial has completed yet."]
     best = result.best
-    lines = [f"Best: trial {best['number']} (*), {METRICS[result.metric]} {best['value']:.2%}"]
+    seeds = best["seeds"] or []
+    what = METRICS[result.metric]
+    if len(seeds) > 1:
+        what = f"mean {what} over seeds {','.join(map(str, seeds))}"
+    lines = [f"Best: trial {best['number']} (*), {what} {best['value']:.2%}"]
     if best["runs"]:
-        lines[0] += f", {best['runs'][0]}"
+        lines[0] += f", {', '.join(best['runs'])}"
     lines.append(f"Train its configuration with: {train_command(result.source, result.overrides, best)}")
     failed = [row for row in result.trials if row["state"] == "failed"]
     lines += [f"trial {row['number']} failed: {row['error']}" for row in failed]

@@ -124,6 +124,15 @@ def test_columns_are_the_shortest_unambiguous_key_suffixes():
                                   "model.subnetworks.sn2.blocks.head.out": "out"}
 
 
+def test_help_gives_the_space_syntax(cli):
+    result = cli("tune", "--help")
+    assert result.code == 0
+    text = " ".join(result.out.split())
+    for fragment in ("log:1e-4..1e-2", "float:0.1..0.9 or 0.1..0.9", "int:16..256:log", "choice:relu,tanh,gelu",
+                     "grid:1,5,10", "layerwise[tune]", "sqlite:///tune.db", "--seeds", "best_val_acc"):
+        assert fragment in text, fragment
+
+
 # --------------------------------------------------------------------------- refusals before anything runs
 
 
@@ -291,6 +300,29 @@ def test_a_shared_study_continues_retries_orphans_and_refuses_other_settings(rec
         run_search(recipe, space, ["train.epochs=3"], trials=3, storage=url, quiet=True)
     with pytest.raises(LayerwiseError, match="other --seeds"):
         run_search(recipe, space, trials=3, seeds="0,1", storage=url, quiet=True)
+
+
+def test_a_trial_taken_over_by_another_process_is_dropped_here(recipe, tmp_path, monkeypatch):
+    """A process silent for longer than the heartbeat's grace period (suspended, say) finds its trial
+    failed and queued again by another: it drops its result, and the retry runs the configuration."""
+    from layerwise.tune import retry_trial
+
+    url = f"sqlite:///{tmp_path / 'tune.db'}"
+
+    def score(recipe, epoch):
+        if recipe.name == "tiny-t0" and epoch == 1:  # another process's heartbeat check, meanwhile
+            study = optuna.load_study(study_name="tiny", storage=url)
+            (trial,) = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+            retry_trial(study, trial)
+        return 0.5
+
+    fake_trainer(monkeypatch, score)
+    result = run_search(recipe, [f"{LR}=log:1e-4..1e-2"], trials=2, storage=url, runs_dir=tmp_path / "runs",
+                        quiet=True)
+    states = [(row["state"], row["retry_of"]) for row in result.trials]
+    assert states == [("interrupted", None), ("complete", 0), ("complete", None)]
+    assert result.trials[1]["params"] == result.trials[0]["params"]
 
 
 # --------------------------------------------------------------------------- real MNIST
