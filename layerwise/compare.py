@@ -265,9 +265,17 @@ def from_raw(data: dict) -> tuple[dict, dict[str, str], int | None]:
     return strip(data), trains, epochs if isinstance(epochs, int) else None
 
 
+OUTPUT_ONLY = ("tensorboard",)
+"""``train`` keys that change what a run writes, not what it trains: runs differing only there group."""
+
+
 def strip(config: dict) -> dict:
-    """The recipe without what may differ between runs of one experiment: its seed and its name."""
-    return canonical({k: v for k, v in config.items() if k not in ("seed", "name")})
+    """The recipe without what may differ between runs of one experiment: its seed, its name, and
+    keys that only change what is logged (:data:`OUTPUT_ONLY`)."""
+    kept = {k: v for k, v in config.items() if k not in ("seed", "name")}
+    if isinstance(kept.get("train"), dict):
+        kept["train"] = {k: v for k, v in kept["train"].items() if k not in OUTPUT_ONLY}
+    return canonical(kept)
 
 
 def params_from_weights(path: Path) -> int | None:

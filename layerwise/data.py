@@ -455,6 +455,22 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
+def _sample_keys(seed_key: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per sample (int64 ``indices``, any value) under the scalar ``seed_key``."""
+    sample_key = _hash32(seed_key ^ (indices & _MASK32))
+    return _hash32(sample_key ^ ((indices >> 32) & _MASK32))  # indices beyond 2^32 too
+
+
+NOISE_SPACES = ("pixel", "normalized")
+
+
+def check_noise_space(space: str) -> None:
+    """Raise :class:`DataError` unless ``space`` is ``pixel`` or ``normalized``."""
+    if space not in NOISE_SPACES:
+        raise DataError(f"noise space {space!r} is unknown; use pixel (added in [0, 1] pixel space, then clipped, "
+                        f"before normalisation) or normalized (added after normalisation, not clipped)")
+
+
 def check_noise_sigma(sigma: float) -> None:
     """Raise :class:`DataError` unless ``0 <= sigma <= 1`` (noise is in [0, 1] pixel units)."""
     if not 0.0 <= sigma <= 1.0:  # also refuses NaN
@@ -477,8 +493,7 @@ def gaussian_noise(
     per_sample = math.prod(shape[1:])
     indices = indices.to(device=device, dtype=torch.int64)
     seed_key = _hash32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
-    sample_key = _hash32(seed_key ^ (indices & _MASK32))
-    sample_key = _hash32(sample_key ^ ((indices >> 32) & _MASK32))  # indices beyond 2^32 too
+    sample_key = _sample_keys(seed_key, indices)
     pixels = torch.arange(per_sample, dtype=torch.int64, device=device)
     pixel_key = _hash32((pixels + 0x9E3779B9) & _MASK32)
 
@@ -509,6 +524,94 @@ def add_gaussian_noise(
     return (images01 + sigma * noise.to(images01.dtype)).clamp_(0.0, 1.0)
 
 
+def add_normalized_noise(
+    images: torch.Tensor, sigma: float, indices: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """``images`` (normalised, (B, C, H, W)) plus ``sigma`` times the same per-sample noise as
+    :func:`add_gaussian_noise`, not clipped: the authors' published notebook adds
+    ``std * randn`` after ``Normalize``, so ``sigma`` is in units of the dataset's std.
+
+    ``sigma == 0`` returns the input itself.
+    """
+    check_noise_sigma(sigma)
+    if sigma == 0:
+        return images
+    if len(indices) != len(images):
+        raise ValueError(f"{len(indices)} indices for a batch of {len(images)} images")
+    noise = gaussian_noise(tuple(images.shape), indices, seed, images.device)
+    return images + sigma * noise.to(images.dtype)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+# Keeps the augmentation's draws apart from the noise's, which hash the same seed and indices.
+_AUGMENT_SALT = 0x5A17C0DE
+
+
+def check_augment(crop_padding: int, flip: bool, shape: tuple[int, ...]) -> None:
+    """Raise :class:`DataError` unless ``0 <= crop_padding < min(H, W)`` of ``shape`` (C, H, W)."""
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int):
+        raise DataError(f"augment crop_padding: expected an integer, found {crop_padding!r}")
+    if not isinstance(flip, bool):
+        raise DataError(f"augment flip: expected true or false, found {flip!r}")
+    smallest = min(shape[-2:])
+    if not 0 <= crop_padding < smallest:
+        raise DataError(f"augment crop_padding {crop_padding} is out of range: expected 0 (off) to {smallest - 1}, "
+                        f"less than the images' {shape[-2]}x{shape[-1]} pixels")
+
+
+def augment_draws(
+    indices: torch.Tensor, seed: int, epoch: int, crop_padding: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each sample's ``(dy, dx, flip)``: crop offsets in ``[0, 2 * crop_padding]`` (int64) and a
+    horizontal-flip bit (bool), all ``(B,)``.
+
+    Counter-based like the noise: sample b's draws depend only on (seed, epoch, indices[b]), so
+    they are the same whatever the batch size, the order, or the share of a data-parallel rank.
+    """
+    device = torch.device(device)
+    indices = indices.to(device=device, dtype=torch.int64)
+    key = _hash32(torch.tensor(_AUGMENT_SALT, dtype=torch.int64, device=device))
+    for value in (seed, epoch):  # both halves of each, so seeds beyond 2^32 differ too
+        for half in (value & _MASK32, (value >> 32) & _MASK32):
+            key = _hash32(key ^ torch.tensor(half, dtype=torch.int64, device=device))
+    sample_key = _sample_keys(key, indices)
+    # Three independent 32-bit draws per sample: row offset, column offset, flip.
+    bits = _hash32(sample_key[:, None] ^ _hash32(torch.arange(1, 4, dtype=torch.int64, device=device)))
+    span = 2 * crop_padding + 1  # the modulo's bias is below span / 2^32
+    return bits[:, 0] % span, bits[:, 1] % span, (bits[:, 2] >> 31).bool()
+
+
+def augment_images(
+    images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, *, crop_padding: int = 0,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Random crops of ``images`` (float, (B, C, H, W), before normalisation) padded with zeros
+    by ``crop_padding`` on each side, and with ``flip`` random horizontal flips: one gather on
+    the images' device, no loop over samples.
+
+    Sample b is the window at offset ``(dy, dx)`` of :func:`augment_draws` in the padded image,
+    mirrored left-right when its flip bit is set. Both off returns the input itself.
+    """
+    if not crop_padding and not flip:
+        return images
+    if len(indices) != len(images):
+        raise ValueError(f"{len(indices)} indices for a batch of {len(images)} images")
+    check_augment(crop_padding, flip, tuple(images.shape[1:]))
+    batch, channels, height, width = images.shape
+    device = images.device
+    dy, dx, flipped = augment_draws(indices, seed, epoch, crop_padding, device)
+    if not flip:
+        flipped = torch.zeros_like(flipped)
+    padded = torch.nn.functional.pad(images, (crop_padding,) * 4) if crop_padding else images
+    rows = dy[:, None] + torch.arange(height, device=device)  # (B, H)
+    columns = torch.arange(width, device=device)
+    columns = dx[:, None] + torch.where(flipped[:, None], width - 1 - columns, columns)  # (B, W)
+    samples = torch.arange(batch, device=device)[:, None, None, None]
+    planes = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[samples, planes, rows[:, None, :, None], columns[:, None, None, :]]
+
+
 # --------------------------------------------------------------------------- batches
 
 
@@ -523,6 +626,12 @@ class BatchStream:
     :meth:`set_epoch`), so it is reproducible and a resumed run continues identically.
     Noise, if any, is seeded with ``noise_seed + e`` when shuffling (training: fresh noise
     each epoch) and ``noise_seed`` otherwise (evaluation: the same noisy set every time).
+    ``noise_space`` says where it is added: ``pixel`` (in [0, 1] before normalisation, then
+    clipped) or ``normalized`` (after normalisation, not clipped); see :func:`add_normalized_noise`.
+
+    ``crop_padding`` and ``flip`` augment the images (see :func:`augment_images`), before any
+    noise and normalisation, drawn per sample from ``(seed, e, index)``: a training option
+    (off by default), which evaluation streams leave off.
 
     ``shard=(rank, world)`` yields only this rank's contiguous share of each batch (the batch's
     indices split in ``world`` parts, taken before any image is decoded or noised): ranks that
@@ -544,6 +653,9 @@ class BatchStream:
         device: str | torch.device = "cpu",
         drop_last: bool = False,
         shard: tuple[int, int] = (0, 1),
+        noise_space: str = "pixel",
+        crop_padding: int = 0,
+        flip: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -556,6 +668,8 @@ class BatchStream:
                 f"{tuple(images_uint8.shape)} and {tuple(labels.shape)}"
             )
         check_noise_sigma(noise)
+        check_noise_space(noise_space)
+        check_augment(crop_padding, flip, tuple(images_uint8.shape[1:]))
         self.spec = spec
         self.device = torch.device(device)
         # Moved once, so that a batch on a GPU is an on-device gather with no host copies.
@@ -569,6 +683,9 @@ class BatchStream:
         self.seed = seed
         self.noise = noise
         self.noise_seed = noise_seed
+        self.noise_space = noise_space
+        self.crop_padding = crop_padding
+        self.flip = flip
         self.drop_last = drop_last
         self.shard = shard
         self.epoch = 0
@@ -605,6 +722,10 @@ class BatchStream:
             if world > 1:
                 idx, idx_cpu = idx.tensor_split(world)[rank], idx_cpu.tensor_split(world)[rank]
             x = self.images[idx].to(torch.float32).div_(255.0)
-            x = add_gaussian_noise(x, self.noise, idx, noise_seed)
+            x = augment_images(x, idx, self.seed, self.epoch, crop_padding=self.crop_padding, flip=self.flip)
+            if self.noise_space == "pixel":
+                x = add_gaussian_noise(x, self.noise, idx, noise_seed)
             x = x.sub_(self.mean).div_(self.std)  # x is a fresh tensor: in place is safe
+            if self.noise_space == "normalized":
+                x = add_normalized_noise(x, self.noise, idx, noise_seed)
             yield x, self.labels[idx], idx_cpu

@@ -105,6 +105,18 @@ def valid_seed(value: int, path: str, problems: Problems) -> None:
 
 
 @dataclass
+class AugmentConfig:
+    """On-device augmentation of the training images (both off by default; never at evaluation)."""
+
+    # Pad each side with this many zero (black) pixels, then crop back to the image's size at a
+    # random offset: 0 is off, 4 is the usual for CIFAR-10. Must be below the image's height and width.
+    crop_padding: int = check(non_negative, 0)
+    # Mirror half of the images left-right. For natural images (cifar10, fashion_mnist's clothes);
+    # a mirrored digit is no longer the same digit, so leave it off for mnist (it is not refused).
+    flip: bool = False
+
+
+@dataclass
 class DataConfig:
     """Which dataset to train on, and how to batch it."""
 
@@ -119,6 +131,24 @@ class DataConfig:
     # Hold out the last N training samples as a validation set, reported each epoch as
     # val_acc. Choose hyper-parameters on it, never on the test set.
     validation: int = check(non_negative, 0)
+    # Where train_noise is added (training and the run's own tests): "pixel", in [0, 1] pixel
+    # space before normalisation, then clipped (the hybrid paper's text); or "normalized", after
+    # normalisation and not clipped (the authors' published notebook: img + std * randn).
+    noise_space: Literal["pixel", "normalized"] = "pixel"
+    # Random crop and flip of the training images, drawn per sample and epoch from the seed.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_build__(self, path: str, problems: Problems) -> None:
+        """The crop padding must leave part of the image in every crop: below its height and width."""
+        datasets = getattr(problems.context, "datasets", None)
+        if datasets is None or self.dataset not in datasets:  # an unknown name is reported by its own check
+            return
+        shape = datasets.get(self.dataset).shape
+        smallest = min(shape[-2:])
+        if self.augment.crop_padding >= smallest:
+            problems.add(join(path, "augment.crop_padding"),
+                         f"expected a value below {smallest}, the size of '{self.dataset}' images "
+                         f"({shape[-2]}x{shape[-1]}), found {self.augment.crop_padding}")
 
 
 @dataclass

@@ -239,12 +239,16 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
         spec, train_images, train_labels, batch_size=recipe.data.batch_size, shuffle=True,
         seed=recipe.seed, noise=recipe.data.train_noise, noise_seed=recipe.seed, device=device,
         drop_last=group is not None, shard=(0, 1) if group is None else group.shard(),
+        noise_space=recipe.data.noise_space, crop_padding=recipe.data.augment.crop_padding,
+        flip=recipe.data.augment.flip,
     )
 
     def evaluation_stream(images: torch.Tensor, labels: torch.Tensor, noise_seed: int) -> BatchStream:
-        # Evaluation noise is the training noise: the paper's "noisy train and test" protocol.
+        # Evaluation noise is the training noise, in the same space: the paper's "noisy train and
+        # test" protocol. Augmentation is for training only.
         return BatchStream(spec, images, labels, batch_size=recipe.data.test_batch_size, shuffle=False,
-                           seed=0, noise=recipe.data.train_noise, noise_seed=noise_seed, device=device)
+                           seed=0, noise=recipe.data.train_noise, noise_seed=noise_seed, device=device,
+                           noise_space=recipe.data.noise_space)
 
     test_stream = evaluation_stream(test_images, test_labels, noise_seed=0)
     val_stream = evaluation_stream(val_images, val_labels, noise_seed=1) if held_out else None

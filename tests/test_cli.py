@@ -8,7 +8,7 @@ from layerwise.shipped import shipped_recipes
 from tests.helpers import assert_one_line_error
 
 COMMANDS = [[], ["train"], ["eval"], ["validate"], ["recipes"], ["recipes", "ls"], ["recipes", "cp"], ["plugins"],
-            ["new-plugin"]]
+            ["new-plugin"], ["compare"], ["tune"], ["probe"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")

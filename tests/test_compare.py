@@ -129,6 +129,15 @@ def test_defaults_written_out_or_left_implicit_are_the_same_recipe(cli, tmp_path
     assert row["n"] == 2 and row["recipe"] == "tiny, renamed" and row["differs"] == {}
 
 
+def test_a_run_logged_to_tensorboard_groups_with_its_seeds(cli, tmp_path):
+    logged = tiny_recipe()
+    logged["train"]["tensorboard"] = True  # changes what the run writes, not what it trains
+    make_run(tmp_path, "a", (0.5,), seed=0, recipe=logged)
+    make_run(tmp_path, "b", (0.7,), seed=1)
+    (row,) = compare_json(cli, str(tmp_path / "a"), str(tmp_path / "b"))
+    assert row["n"] == 2 and row["seeds"] == [0, 1]
+
+
 def test_sort_keys(cli, tmp_path):
     make_run(tmp_path, "slow", (0.7,), seconds=9.0, val=(0.60,), noise=[(0.5, 0.2)])
     make_run(tmp_path, "best", (0.9,), seconds=5.0, val=(0.65,))
