@@ -25,15 +25,15 @@ from layerwise.checkpoint import (
 from layerwise.checkpoint import (
     load_weights as copy_weights,
 )
-from layerwise.data import BatchStream, load_split
+from layerwise.data import BatchStream, check_augment, check_noise_space, load_split
 from layerwise.errors import CheckpointError, LayerwiseError, RecipeError
 from layerwise.factory import build_model, dataset_spec, load_recipe, parse_recipe
 from layerwise.graph import Block, Network, ObjectiveSpec
 from layerwise.noise_eval import noise_levels, noise_results
 from layerwise.plugins import registries
-from layerwise.recipe import Recipe, objective_config
+from layerwise.recipe import AugmentConfig, Recipe, objective_config
 from layerwise.runs import METRICS_FILE, read_metrics
-from layerwise.schema import Problems, to_plain
+from layerwise.schema import Problems, build, to_plain
 from layerwise.splitting import split
 from layerwise.train_run import train_recipe
 from layerwise.trainer import Trainer, resolve_device
@@ -105,12 +105,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> Network:
 
 def evaluate(model: Network | str | Path, data: str | Iterable, noise: float | Sequence[float] | None = None, *,
              batch_size: int = 1000, noise_seed: int = 0, device: torch.device | str | None = None,
-             data_root: str | Path | None = None, progress: bool = False) -> dict[float, float]:
+             data_root: str | Path | None = None, progress: bool = False,
+             noise_space: str = "pixel") -> dict[float, float]:
     """Test accuracy ``{noise std: accuracy}``, as ``layerwise eval`` computes it.
 
     ``model`` is a network or a run folder / checkpoint path. ``data`` is a dataset name (its
-    test split; ``noise`` stds in [0, 1] pixel space, 0 always included) or any iterable of
-    ``(x, y)`` batches such as a DataLoader (evaluated as given, reported under 0.0).
+    test split; ``noise`` stds in [0, 1], 0 always included) or any iterable of ``(x, y)``
+    batches such as a DataLoader (evaluated as given, reported under 0.0). ``noise_space`` is
+    ``pixel`` (before normalisation, clipped: the paper's protocol) or ``normalized`` (after
+    it, unclipped: the authors' notebook), as ``layerwise eval --noise-space``.
     """
     if isinstance(model, (str, Path)):
         model = load_model(model)
@@ -118,10 +121,11 @@ def evaluate(model: Network | str | Path, data: str | Iterable, noise: float | S
         raise LayerwiseError(f"evaluate: expected a layerwise.Network or a run folder, found {type(model).__name__}")
     if device is not None:
         model = model.to(resolve_device(str(device)))
+    check_noise_space(noise_space)
     if not isinstance(data, str):
         if noise not in (None, 0, [0], (0,)):
-            raise LayerwiseError("evaluate: noise needs a dataset name (it is added in pixel space, before "
-                                 "normalisation); a loader is evaluated as it is")
+            raise LayerwiseError("evaluate: noise needs a dataset name (it is added to the images before or "
+                                 "after normalisation, as noise_space says); a loader is evaluated as it is")
         return {0.0: evaluate_batches(model, data)["acc"]}
     levels = noise_levels([0.0] if noise is None else [noise] if isinstance(noise, (int, float)) else noise,
                           "evaluate: noise")
@@ -129,7 +133,8 @@ def evaluate(model: Network | str | Path, data: str | Iterable, noise: float | S
     if model.materialized and model.input_shape != tuple(spec.shape):
         raise LayerwiseError(f"evaluate: the network takes inputs of shape {model.input_shape}, but '{data}' "
                              f"has images of shape {tuple(spec.shape)}")
-    results = noise_results(model, spec, levels, data_root, model.device, noise_seed, batch_size, progress)
+    results = noise_results(model, spec, levels, data_root, model.device, noise_seed, batch_size, progress,
+                            noise_space)
     return {row["noise"]: row["acc"] for row in results}
 
 
@@ -154,19 +159,39 @@ class Batches:
 
 def batches(dataset: str, split: str = "train", *, batch_size: int = 256, shuffle: bool | None = None,
             seed: int = 0, noise: float = 0.0, limit: int | None = None, device: torch.device | str = "cpu",
-            data_root: str | Path | None = None) -> Batches:
+            data_root: str | Path | None = None, noise_space: str = "pixel",
+            augment: AugmentConfig | dict[str, Any] | None = None) -> Batches:
     """Batches of a dataset by name (``mnist``, ``fashion_mnist``, ``cifar10`` or a plugin's).
 
     ``shuffle`` defaults to True for ``train``; ``seed`` fixes the order (and the noise, a std in
-    [0, 1] pixel space); ``limit`` keeps the first N samples, as a recipe's ``data.train_limit``.
+    [0, 1], and any augmentation); ``limit`` keeps the first N samples, as a recipe's
+    ``data.train_limit``. ``noise_space`` and ``augment`` (``{"crop_padding": 4, "flip": True}``)
+    are a recipe's ``data.noise_space`` and ``data.augment``, validated with the same messages.
     """
+    check_noise_space(noise_space)
+    augment = augment_options(augment)
     spec = registries().datasets.get(dataset)
+    check_augment(augment.crop_padding, augment.flip, spec.shape)  # before the data is loaded
     images, labels = load_split(spec, split, data_root)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     shuffle = split == "train" if shuffle is None else shuffle
     return Batches(BatchStream(spec, images, labels, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                               noise=noise, noise_seed=seed, device=resolve_device(str(device))))
+                               noise=noise, noise_seed=seed, device=resolve_device(str(device)),
+                               noise_space=noise_space, crop_padding=augment.crop_padding, flip=augment.flip))
+
+
+def augment_options(augment: AugmentConfig | dict[str, Any] | None) -> AugmentConfig:
+    """``batches``' ``augment`` as a checked :class:`AugmentConfig` (None: both off)."""
+    if augment is None:
+        return AugmentConfig()
+    if isinstance(augment, AugmentConfig):
+        augment = to_plain(augment)
+    problems = Problems()
+    config = build(AugmentConfig, augment, "augment", problems)
+    if problems:
+        raise RecipeError("batches", problems.items)
+    return config
 
 
 def describe_network(network: Network) -> dict[str, Any]:

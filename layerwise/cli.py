@@ -137,6 +137,12 @@ def eval_command(
     noise: Annotated[str, typer.Option("--noise", help="Gaussian noise std(s) in [0, 1] pixel space, "
                                                       "comma-separated for a sweep, e.g. 0,0.05,0.5,0.8.")] = "0",
     noise_seed: Annotated[int, typer.Option("--noise-seed", help="Seed of the per-sample noise.")] = 0,
+    noise_space: Annotated[str, typer.Option(
+        "--noise-space", help="pixel: noise in [0, 1] pixel space before normalisation, then clipped (the paper's "
+                              "protocol); normalized: after normalisation, not clipped (the authors' notebook). "
+                              "pixel by default whatever space the run trained in, so that reports of different "
+                              "runs compare; normalized reports go to RUN/eval/noise-normalized-*.json, apart from "
+                              "the pixel ones that compare and plot read.")] = "pixel",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 1000,
     runs_dir: RunsOpt = Path("runs"),
@@ -151,6 +157,8 @@ def eval_command(
     from layerwise.trainer import resolve_device
 
     levels = parse_noise_levels(noise)
+    if noise_space not in ("pixel", "normalized"):
+        raise LayerwiseError(f"--noise-space: expected pixel or normalized, found {noise_space!r}")
     if batch_size < 1:
         raise LayerwiseError(f"--batch-size: expected a value > 0, found {batch_size}")
     where = resolve_device(device, "--device")
@@ -158,14 +166,15 @@ def eval_command(
     eval_dir = target.parent / "eval"
     check_report_folder(eval_dir)  # before any work: a read-only run folder fails now, not after the sweep
     report = evaluate_noise(target, levels, data_root, where, noise_seed, batch_size,
-                            show_progress=not (as_json or no_progress))
+                            show_progress=not (as_json or no_progress), noise_space=noise_space)
     path = write_report(report, eval_dir)
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
+    trained_space = f" ({report['train_noise_space']})" if report["train_noise"] else ""
     table = Table(title=f"{report['recipe']} ({report['dataset']}, epoch {report['epoch']}, "
-                        f"trained with noise {report['train_noise']:g})")
-    table.add_column("test noise std", justify="right")
+                        f"trained with noise {report['train_noise']:g}{trained_space})")
+    table.add_column(f"test noise std ({report['noise_space']})", justify="right")
     table.add_column("test accuracy", justify="right")
     for row in report["results"]:
         table.add_row(f"{row['noise']:g}", f"{row['acc']:.2%}")

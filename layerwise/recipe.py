@@ -17,6 +17,7 @@ import yaml
 
 from layerwise.errors import LayerwiseError, RecipeError
 from layerwise.registry import did_you_mean
+from layerwise.schedule import ScheduleConfig, check_min_lr
 from layerwise.schema import Problems, build, check, join, non_negative, positive, to_plain
 from layerwise.topology import block_inputs, topological_order
 
@@ -224,6 +225,16 @@ class OptimConfig:
 
     local: OptimizerConfig = field(default_factory=OptimizerConfig)
     global_: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"key": "global"})
+    # The learning rates from epoch to epoch, for both kinds of optimizer, each relative to its own lr:
+    # {name: constant | step | cosine, warmup_epochs: 0, step_size: 10, gamma: 0.1, min_lr: 0.0}
+    # (step_size and gamma for step, min_lr for cosine; see layerwise/schedule.py). The default,
+    # constant without warm-up, keeps every epoch at the lr.
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_build__(self, path: str, problems: Problems) -> None:
+        """A cosine schedule's min_lr may not exceed either optimizer's lr."""
+        check_min_lr(self.schedule, {join(path, "local.lr"): self.local.lr, join(path, "global.lr"): self.global_.lr},
+                     join(path, "schedule"), problems)
 
 
 @dataclass

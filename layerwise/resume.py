@@ -19,7 +19,10 @@ whole, self-consistent state (weights, moments, generators and epoch all of the 
 two files that had to agree could be caught half-updated and mix epochs.
 
 The data order needs no saving: :class:`~layerwise.data.BatchStream` derives each epoch's
-order and noise from the seed and the epoch number. Loading reads safetensors and JSON only;
+order and noise from the seed and the epoch number. Nor does a learning-rate schedule's position
+(:mod:`layerwise.schedule`): it is the epoch, and the lrs it gave are the optimizers' saved
+``param_groups``; :func:`restore_state` checks those against the schedule, then puts the
+schedulers at the epoch. Loading reads safetensors and JSON only;
 nothing is unpickled.
 """
 
@@ -47,6 +50,7 @@ from layerwise.checkpoint import (
 from layerwise.errors import CheckpointError
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
+from layerwise.schedule import position, scheduled_lrs
 from layerwise.schema import describe
 from layerwise.version import __version__
 
@@ -236,12 +240,15 @@ def check_layout(path: Path, optimizers: Any, tensors: dict[str, torch.Tensor]) 
 
 
 def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torch.optim.Optimizer],
-                  rank: int = 0) -> bool:
+                  rank: int = 0, schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] | None = None) -> bool:
     """Load weights, optimizer states and random generators from ``state``, or say what does not fit.
 
-    ``rank`` picks the process's own torch generator. Returns False when the state holds none for
-    this rank (the run was saved by fewer processes); the generator is then left as it was.
+    ``schedulers`` (the trainer's, by optimizer name) are put at the state's epoch, so the next
+    epoch trains at the lrs an uninterrupted run would. ``rank`` picks the process's own torch
+    generator. Returns False when the state holds none for this rank (the run was saved by fewer
+    processes); the generator is then left as it was.
     """
+    schedulers = schedulers or {}
     # Everything is checked before anything is loaded: a state that does not fit fails whole.
     saved_names = [entry["name"] for entry in state.optimizers]
     if saved_names != list(optimizers):
@@ -249,6 +256,8 @@ def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torc
                                        f"{list(optimizers)[:6]}"))
     for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
         check_optimizer(state, entry, optimizer)
+        if entry["name"] in schedulers:
+            check_schedule(state, entry, schedulers[entry["name"]])
     load_weights(graph, state.weights(), state.path)
     for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
         try:
@@ -256,6 +265,8 @@ def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torc
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # checked above; torch may still object
             raise CheckpointError(one_line(f"{state.path}: optimizer '{entry['name']}' does not fit the recipe: "
                                            f"{exc}")) from None
+    for scheduler in schedulers.values():
+        position(scheduler, state.epoch)
     generator = state.tensors.get("rng/torch" if rank == 0 else f"rng/torch/rank{rank}")
     if generator is None:
         return False
@@ -341,6 +352,20 @@ def check_optimizer(state: ResumeState, entry: dict, optimizer: torch.optim.Opti
                     f"{state.path}: optimizer '{name}' {where}.{key} (tensor {item['tensor']}) has "
                     f"{tensor.dtype} of shape {tuple(tensor.shape)}, the parameter it belongs to needs a floating "
                     f"tensor of shape {expected_shape}")
+
+
+def check_schedule(state: ResumeState, entry: dict, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """The lrs saved with a scheduled optimizer must be the ones its schedule gives after the state's
+    epoch, from the recipe's base lrs: otherwise the file was saved by another schedule (another
+    version of layerwise, or a crafted file), and continuing would change the run's lrs mid-way."""
+    expected = scheduled_lrs(scheduler, state.epoch)
+    for g, (saved, lr, base) in enumerate(zip(entry["param_groups"], expected, scheduler.base_lrs, strict=True)):
+        for key, value, what in (("initial_lr", base, "the recipe's lr"),
+                                 ("lr", lr, f"the schedule's lr after epoch {state.epoch}")):
+            if saved.get(key) != value or isinstance(saved.get(key), bool):
+                raise CheckpointError(one_line(
+                    f"{state.path}: optimizer '{entry['name']}' param_groups[{g}].{key}: expected {value!r}, "
+                    f"{what}, found {describe(saved.get(key))}; it was not saved by this recipe's schedule"))
 
 
 def is_size(value: Any) -> bool:

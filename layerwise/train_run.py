@@ -130,7 +130,8 @@ def resume_run(
         if rank == 0:
             check_writable(run)
         session = prepare(recipe, data_root, group)
-        if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank):
+        if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank,
+                                                   session.trainer.schedulers()):
             torch.manual_seed(recipe.seed + rank + 1_000_003 * state.epoch)  # a stream no other rank uses
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [state.record] if state is not None else [], False, True)

@@ -32,6 +32,7 @@ from layerwise.graph import Network
 from layerwise.nonfinite import Key, NonFiniteWatch
 from layerwise.objectives.base import KernelCache, LossContext
 from layerwise.recipe import OptimizerConfig, Recipe, TrainConfig
+from layerwise.schedule import ScheduleConfig, make_scheduler, schedule_config
 from layerwise.schema import Problems, build
 
 
@@ -190,12 +191,18 @@ class Trainer:
     (``{"name": "adam", "lr": 1e-3}``; defaults: Adam at 1e-3). ``on_nonfinite``, ``free_early``
     and ``precision`` are a recipe's ``train`` keys. A network that has not seen its input shape
     yet is built, and the optimizers made, on the first batch.
+
+    ``schedule`` is a recipe's ``optim.schedule`` (``{"name": "cosine", "warmup_epochs": 2}``; default:
+    constant), applied to every optimizer relative to its own lr and stepped at the end of each
+    :meth:`train_epoch`; ``epochs`` is the run's length, which ``cosine`` needs (a recipe's
+    ``train.epochs``). See :mod:`layerwise.schedule`.
     """
 
     def __init__(self, graph: Network, local_optim: OptimizerConfig | dict | None = None,
                  global_optim: OptimizerConfig | dict | None = None, *, on_nonfinite: str = "stop",
                  free_early: bool = True, precision: str = "fp32", nonfinite_check_every: int | None = None,
-                 group: Group | None = None):
+                 group: Group | None = None, schedule: ScheduleConfig | dict | None = None,
+                 epochs: int | None = None):
         if not isinstance(graph, Network):
             raise LayerwiseError(f"Trainer: expected a layerwise.Network, found {type(graph).__name__}")
         options = build(TrainConfig, {"on_nonfinite": on_nonfinite, "free_early": free_early,
@@ -210,6 +217,10 @@ class Trainer:
         self.bf16 = options.precision == "bf16"
         self.on_nonfinite = options.on_nonfinite
         self.nonfinite_check_every = nonfinite_check_every
+        self.schedule = schedule_config(schedule, epochs, {"local_optim.lr": self.local_optim.lr,
+                                                           "global_optim.lr": self.global_optim.lr})
+        self.epochs = epochs
+        self.lr_schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.ready = False
         if graph.materialized:
             self.set_up()
@@ -220,7 +231,8 @@ class Trainer:
         """The trainer a recipe's ``optim`` and ``train`` sections describe."""
         return cls(graph, recipe.optim.local, recipe.optim.global_, on_nonfinite=recipe.train.on_nonfinite,
                    free_early=recipe.train.free_early, precision=recipe.train.precision,
-                   nonfinite_check_every=nonfinite_check_every, group=group)
+                   nonfinite_check_every=nonfinite_check_every, group=group, schedule=recipe.optim.schedule,
+                   epochs=recipe.train.epochs)
 
     def set_up(self) -> None:
         """Sort the parameters by the loss that trains them and make the optimizers (once)."""
@@ -239,6 +251,9 @@ class Trainer:
         self.global_params = graph.global_parameters()
         self.global_optimizer = make_optimizer(self.global_optim, self.global_params) if self.global_params else None
         self.global_through = graph.global_gradient_blocks()
+        if not self.schedule.is_constant:  # made after the optimizers, before any state is loaded into them
+            self.lr_schedulers = {name: make_scheduler(opt, self.schedule, self.epochs)
+                                  for name, opt in self.optimizers().items()}
         device = next(graph.parameters(), torch.zeros(())).device
         self.watch = NonFiniteWatch(self.on_nonfinite, device, self.explain, self.nonfinite_check_every)
         self.ready = True
@@ -263,6 +278,20 @@ class Trainer:
         if self.global_optimizer is not None:
             named["global"] = self.global_optimizer
         return named
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+        """The lr scheduler of each optimizer, by the same names as :meth:`optimizers`; none for a
+        constant schedule. :meth:`train_epoch` steps them at its end."""
+        return dict(self.lr_schedulers)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The lr the optimizers train at now: ``local`` (every local block's) and ``global``."""
+        rates = {}
+        if self.local_optimizers:
+            rates["local"] = next(iter(self.local_optimizers.values())).param_groups[0]["lr"]
+        if self.global_optimizer is not None:
+            rates["global"] = self.global_optimizer.param_groups[0]["lr"]
+        return rates
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One forward pass; each local block's loss goes backward into its own parameters as
@@ -412,6 +441,9 @@ class Trainer:
 
         ``should_stop`` is asked before each batch; when it says yes, :class:`TrainingInterrupted`
         is raised at that batch boundary (Ctrl-C). ``epoch`` labels error messages.
+
+        With a schedule (not constant), the summary holds the epoch's learning rates as ``lr``
+        (:meth:`learning_rates`), and the schedulers then step to the next epoch's.
         """
         self.graph.train()
         if not self.ready:  # the watch exists once the network is built, on the first batch
@@ -447,6 +479,10 @@ class Trainer:
         summary = totals.summary()
         if self.watch.mode == "skip":
             summary["skipped_batches"] = self.watch.skipped
+        if self.lr_schedulers:
+            summary["lr"] = self.learning_rates()
+            for scheduler in self.lr_schedulers.values():
+                scheduler.step()
         return summary
 
 

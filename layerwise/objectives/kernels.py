@@ -1,9 +1,16 @@
 """Kernel matrices and the statistics behind the nHSIC objective, with fused backwards.
 
-Kernels are Gaussian with the width scaled by the feature count ``d``:
-``k(a, b) = exp(-||a - b||^2 / (2 sigma^2 d))``, so one ``sigma`` suits layers of any width.
+Three kernels (:data:`KERNELS`), each scaled so that one setting suits layers of any width ``d``:
+
+- ``gaussian``: ``k(a, b) = exp(-||a - b||^2 / (2 sigma^2 d))``;
+- ``cosine``: ``k(a, b) = <a, b> / (|a| |b|)``, each norm clamped below at :data:`COSINE_EPS`
+  (a zero row then has kernel 0 with every row, instead of NaN);
+- ``linear``: ``k(a, b) = <a, b> / d``.
+
 Centering ``Kc = H K H`` (with ``H = I - 11^T/m``) subtracts row, column and grand means;
-``H`` is never built.
+``H`` is never built. For the two dot-product kernels ``K = F F^T`` with ``F`` the normalised
+(cosine) or scaled (linear) rows, so ``Kc = (H F)(H F)^T``: the columns of ``F`` are centred
+and one matmul gives the centred Gram (:class:`CenteredDotGram`).
 
 Why custom autograd functions: at batch 256 the kernel work of a block is as large as the
 block's own layer, so every pass over an ``m x m`` matrix and every matmul shows in the time per
@@ -12,7 +19,8 @@ differentiates ``F @ F.T`` as two matmuls, one per operand, and keeps each eleme
 intermediate alive; :class:`CenteredGaussianGram` needs one matmul and one saved ``m x m``
 matrix. :class:`CCAStatistic` replaces differentiation through a Cholesky factorisation by a
 closed form, and :class:`CKAStatistic` the half-dozen elementwise passes of autograd through a
-norm and a division by three.
+norm and a division by three. :class:`CenteredDotGram` differentiates ``Fc Fc^T`` with one
+matmul instead of autograd's two.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ import math
 
 import torch
 from torch.autograd.function import once_differentiable
+
+KERNELS = ("gaussian", "cosine", "linear")
+# Floor of the row norms of the cosine kernel: rows shorter than this (in practice only all-zero
+# rows, e.g. a sample whose ReLU units are all off) are divided by it, not by their own norm.
+COSINE_EPS = 1e-12
 
 
 def _exponent_scale(width: int, sigma: float) -> float:
@@ -92,6 +105,56 @@ def centered_gaussian_gram(features: torch.Tensor, sigma: float) -> torch.Tensor
     return center(gaussian_gram(features, sigma))
 
 
+def dot_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
+    """Rows ``F`` (m, d) whose dot products are the ``cosine`` or ``linear`` kernel, ``K = F F^T``.
+
+    ``cosine``: ``a / max(|a|, COSINE_EPS)``; ``linear``: ``a / sqrt(d)``, so ``K = <a, b> / d``.
+    Differentiable by plain autograd: these are ``O(m d)`` elementwise passes.
+    """
+    flat = features.flatten(1)
+    if kernel == "cosine":
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+    if kernel == "linear":
+        return flat * (1.0 / math.sqrt(flat.shape[1]))
+    raise ValueError(f"dot_features: kernel must be 'cosine' or 'linear', found {kernel!r}")
+
+
+class CenteredDotGram(torch.autograd.Function):
+    """``Kc = Fc Fc^T`` with ``Fc = H F`` (column-centred rows), with a backward of one matmul.
+
+    With ``G`` the incoming gradient, ``d/dFc = (G + G^T) Fc``, and ``d/dF = H (G + G^T) Fc``
+    (subtract the column means); autograd would spend a matmul on each operand of ``Fc Fc^T``.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        centred = features - features.mean(dim=0, keepdim=True)
+        ctx.save_for_backward(centred)
+        return centred @ centred.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_centered: torch.Tensor):
+        (centred,) = ctx.saved_tensors
+        grad = (grad_centered + grad_centered.T) @ centred
+        return grad.sub_(grad.mean(dim=0, keepdim=True))
+
+
+def centered_dot_gram(features: torch.Tensor) -> torch.Tensor:
+    """``H F F^T H`` of rows ``F`` (m, d), differentiable through :class:`CenteredDotGram`."""
+    if features.requires_grad:
+        return CenteredDotGram.apply(features)
+    centred = features - features.mean(dim=0, keepdim=True)
+    return centred @ centred.T
+
+
+def centered_gram(features: torch.Tensor, sigma: float | None, kernel: str = "gaussian") -> torch.Tensor:
+    """``H K H`` for any of :data:`KERNELS` (``sigma`` is used by the Gaussian only), differentiable."""
+    if kernel == "gaussian":
+        return centered_gaussian_gram(features, sigma)
+    return centered_dot_gram(dot_features(features, kernel))
+
+
 def spd_factor(matrix: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of a symmetric positive definite matrix, all NaN if it is not one.
 
@@ -132,22 +195,29 @@ def cca_operator(centered: torch.Tensor, eps: float) -> torch.Tensor:
     return operator
 
 
-def label_factors(onehot: torch.Tensor, sigma: float) -> torch.Tensor:
+def label_factors(onehot: torch.Tensor, sigma: float | None, kernel: str = "gaussian") -> torch.Tensor:
     """``U`` (m, C) with ``U U^T`` exactly the centred label Gram, for one-hot labels (m, C).
 
-    Two one-hot rows are equal or at squared distance 2, so the label Gram is
+    Two one-hot rows are equal or at squared distance 2, so the Gaussian label Gram is
     ``K = a 11^T + (1 - a) Y Y^T`` with ``a = exp(-1 / (sigma^2 C))``, and its centred form is
-    ``Kc = U U^T`` with ``U = sqrt(1 - a) (Y - mean(Y))``: rank at most ``C``.
+    ``Kc = U U^T`` with ``U = sqrt(1 - a) (Y - mean(Y))``: rank at most ``C``. One-hot rows have
+    unit norm, so the cosine Gram is ``Y Y^T`` (``U = Y - mean(Y)``) and the linear one
+    ``Y Y^T / C`` (``U = (Y - mean(Y)) / sqrt(C)``): every kernel gives ``H Y Y^T H`` up to a scale.
     """
+    if kernel == "cosine":
+        return onehot - onehot.mean(dim=0, keepdim=True)
+    if kernel == "linear":
+        return (onehot - onehot.mean(dim=0, keepdim=True)) * (1.0 / math.sqrt(onehot.shape[1]))
     off_class = math.exp(-1.0 / (sigma * sigma * onehot.shape[1]))
     return (onehot - onehot.mean(dim=0, keepdim=True)) * math.sqrt(1.0 - off_class)
 
 
-def label_cca_operator(onehot: torch.Tensor, sigma: float, eps: float) -> torch.Tensor:
+def label_cca_operator(onehot: torch.Tensor, sigma: float | None, eps: float,
+                       kernel: str = "gaussian") -> torch.Tensor:
     """``R_y`` for one-hot labels (m, C) in ``O(m^2 C)``, with no ``m x m`` factorisation: by the
     push-through identity ``R = Kc (Kc + lam I)^-1 = U (U^T U + lam I)^-1 U^T`` with ``U`` from
     :func:`label_factors`, a ``C x C`` solve."""
-    factors = label_factors(onehot, sigma)
+    factors = label_factors(onehot, sigma, kernel)
     inner = factors.T @ factors
     inner.diagonal().add_(eps * onehot.shape[0])
     return factors @ torch.cholesky_solve(factors.T, spd_factor(inner))
@@ -182,9 +252,9 @@ class CCAStatistic(torch.autograd.Function):
         return inverse @ weighted @ inverse, None, None, None
 
 
-def unit_centered_gram(features: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Centred Gaussian Gram divided by its Frobenius norm, the building block of CKA."""
-    centered = centered_gaussian_gram(features, sigma)
+def unit_centered_gram(features: torch.Tensor, sigma: float | None, kernel: str = "gaussian") -> torch.Tensor:
+    """Centred Gram (of any of :data:`KERNELS`) divided by its Frobenius norm, the building block of CKA."""
+    centered = centered_gram(features, sigma, kernel)
     return centered / centered.norm().clamp_min(torch.finfo(centered.dtype).tiny)
 
 

@@ -12,8 +12,12 @@ and one-hot labels ``Y``, the block minimises
 
 keeping what predicts the label while forgetting the rest of the input.
 
-Kernels are Gaussian with the width scaled by the feature count ``d``, centred as
-``Kc = H K H``; :mod:`layerwise.objectives.kernels` builds them, with fused backwards.
+One kernel, chosen by ``kernel``, serves Z, X and Y, each scaled by the feature count ``d`` so
+that one setting suits every width: ``gaussian`` (the default, ``exp(-||a - b||^2 / (2 sigma^2 d))``),
+``cosine`` (``<a, b> / (|a| |b|)``, pHSIC's best CIFAR-10 variant: Pogodin and Latham, NeurIPS
+2020) or ``linear`` (``<a, b> / d``); ``sigma`` is used by the Gaussian only. They are centred as
+``Kc = H K H``; :mod:`layerwise.objectives.kernels` builds them, with fused backwards. On one-hot
+labels every kernel gives ``H Y Y^T H`` up to a scale, so the label term stays exact and cheap.
 
 Two normalisations:
 - ``cca`` (the papers'): ``nHSIC(A, B) = tr(Ra Rb)``, ``R = Kc (Kc + eps m I)^-1``, through
@@ -24,7 +28,7 @@ Two normalisations:
 The input and label terms (``R_x``, ``R_y`` or the unit-norm centred Grams) do not depend on
 the block, so they are computed once per batch and shared through ``ctx.kernels``.
 
-For large batches, ``estimator: rff`` replaces each kernel by ``D`` random Fourier features
+For large batches, ``estimator: rff`` (Gaussian kernel only) replaces each kernel by ``D`` random Fourier features
 ``Phi`` with ``Kc ~ Phi Phi^T`` (Rahimi and Recht, 2007). Both normalisations then need only
 ``D x D`` matrices: CKA is ``||Pa^T Pb||_F^2 / (||Pa^T Pa||_F ||Pb^T Pb||_F)``, and by the
 push-through identity ``R = Phi (Phi^T Phi + eps m I)^-1 Phi^T``. The labels need no random
@@ -45,7 +49,7 @@ from layerwise.objectives.kernels import (
     CCAStatistic,
     CKAStatistic,
     cca_operator,
-    centered_gaussian_gram,
+    centered_gram,
     label_cca_operator,
     label_factors,
     spd_factor,
@@ -58,8 +62,12 @@ from layerwise.schema import Problems, join
 class NHSICConfig:
     """Options of the ``nhsic`` objective."""
 
+    # Kernel of Z and X (and of the labels, where all three give H Y Y^T H up to a scale):
+    # gaussian exp(-||a - b||^2 / (2 sigma^2 d)), cosine <a, b> / (|a| |b|), linear <a, b> / d.
+    kernel: Literal["gaussian", "cosine", "linear"] = "gaussian"
     # Kernel width, in units of sqrt(d). 5 is the HSIC-bottleneck code's default and works
     # from 128- to 784-wide features because the width is already divided out.
+    # Gaussian kernel only: cosine and linear ignore it.
     sigma: float = 5.0
     # Weight of the label term. Large values (50-500) favour keeping label information;
     # with the cca form nHSIC(Z, Y) is at most the number of classes - 1.
@@ -69,6 +77,7 @@ class NHSICConfig:
     eps: float = 1e-5
     # "exact" builds m x m Gram matrices; "rff" approximates each kernel with random Fourier
     # features, costing O(m D^2) instead of O(m^2 d + m^3), for batches in the thousands.
+    # rff approximates the Gaussian kernel, so it needs kernel: gaussian.
     estimator: Literal["exact", "rff"] = "exact"
     # Number D of random Fourier features per kernel (rff only); the error shrinks like 1/sqrt(D).
     features: int = 512
@@ -84,6 +93,10 @@ class NHSICConfig:
             problems.add(join(path, "eps"), f"must be > 0, found {self.eps}")
         if self.features <= 0:
             problems.add(join(path, "features"), f"must be > 0, found {self.features}")
+        if self.estimator == "rff" and self.kernel != "gaussian":
+            problems.add(join(path, "estimator"),
+                         f"rff (random Fourier features) approximates the gaussian kernel only, found kernel "
+                         f"{self.kernel!r}; use estimator: exact with it, or kernel: gaussian")
 
 
 def fourier_frequencies(width: int, cfg: NHSICConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +141,27 @@ def feature_cka(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
     return cross / ((phi_a.T @ phi_a).norm() * (phi_b.T @ phi_b).norm()).clamp_min(tiny)
 
 
+def exact_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, cfg: NHSICConfig,
+                ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nHSIC(Z, X), nHSIC(Z, Y))`` from exact ``m x m`` Grams, for flat ``z``, ``x`` and one-hot
+    labels of one dtype. The X and Y terms go through ``ctx.kernels``, keyed by everything they
+    depend on: the kernel (so blocks with different kernels never share them), sigma (Gaussian
+    only: blocks that differ only in an ignored sigma share them), eps (cca) and the dtype."""
+    sigma = cfg.sigma if cfg.kernel == "gaussian" else None
+    if cfg.normalization == "cca":
+        key = ("nhsic-cca", cfg.kernel, sigma, cfg.eps, z.dtype)
+        r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(centered_gram(x, sigma, cfg.kernel), cfg.eps))
+        r_y = ctx.kernels.get(key + ("y",), lambda: label_cca_operator(onehot, sigma, cfg.eps, cfg.kernel))
+        stats = CCAStatistic.apply(centered_gram(z, sigma, cfg.kernel), r_x, r_y, cfg.eps)
+    else:
+        key = ("nhsic-cka", cfg.kernel, sigma, z.dtype)
+        u_x = ctx.kernels.get(key + ("x",), lambda: unit_centered_gram(x, sigma, cfg.kernel))
+        u_y = ctx.kernels.get(key + ("y",), lambda: unit_centered_gram(onehot, sigma, cfg.kernel))
+        stats = CKAStatistic.apply(centered_gram(z, sigma, cfg.kernel), u_x, u_y)
+    hsic_zx, hsic_zy = stats
+    return hsic_zx, hsic_zy
+
+
 class NHSIC(Objective):
     """``nhsic``: the normalised HSIC bottleneck, ``nHSIC(Z, X) - beta * nHSIC(Z, Y)``."""
 
@@ -164,7 +198,7 @@ class NHSIC(Objective):
     def nonfinite_hint(self) -> str:
         """Tiny sigmas overflow the kernel's exponent; otherwise the block's own updates are suspect."""
         width = math.prod(self.info.out_shape)
-        if self.config.sigma < 1:
+        if self.config.kernel == "gaussian" and self.config.sigma < 1:
             return (f"sigma {self.config.sigma:g} too small for the kernel widths (d = {width} for this block, "
                     f"{self.info.num_classes} for the labels): the exponent 1/(2 sigma^2 d) overflows and the "
                     f"kernel becomes NaN; typical sigma is about 5")
@@ -185,16 +219,8 @@ class NHSIC(Objective):
         y = ctx.y_onehot().to(dtype)
         if cfg.estimator == "rff":
             hsic_zx, hsic_zy = self.rff_terms(z, x, y, ctx)
-        elif cfg.normalization == "cca":
-            key = ("nhsic-cca", cfg.sigma, cfg.eps, dtype)
-            r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(centered_gaussian_gram(x, cfg.sigma), cfg.eps))
-            r_y = ctx.kernels.get(key + ("y",), lambda: label_cca_operator(y, cfg.sigma, cfg.eps))
-            hsic_zx, hsic_zy = CCAStatistic.apply(centered_gaussian_gram(z, cfg.sigma), r_x, r_y, cfg.eps)
         else:
-            key = ("nhsic-cka", cfg.sigma, dtype)
-            u_x = ctx.kernels.get(key + ("x",), lambda: unit_centered_gram(x, cfg.sigma))
-            u_y = ctx.kernels.get(key + ("y",), lambda: unit_centered_gram(y, cfg.sigma))
-            hsic_zx, hsic_zy = CKAStatistic.apply(centered_gaussian_gram(z, cfg.sigma), u_x, u_y)
+            hsic_zx, hsic_zy = exact_terms(z, x, y, cfg, ctx)
         loss = hsic_zx - cfg.beta * hsic_zy
         metrics = {"loss": loss.detach(), "hsic_zx": hsic_zx.detach(), "hsic_zy": hsic_zy.detach()}
         return loss, metrics
