@@ -43,6 +43,15 @@ Series = dict[str, tuple[list[float], list[float]]]
 """Curves by label: (x values, y values)."""
 
 
+def save_figure(plt, fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder made if needed) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def draw(series: Series, path: Path, xlabel: str, title: str) -> Path:
     """One figure of accuracy curves (y in [0, 1], drawn as %), saved as PNG at ``path``."""
     plt = pyplot()
@@ -52,11 +61,7 @@ def draw(series: Series, path: Path, xlabel: str, title: str) -> Path:
     ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def plot_runs(runs: list[Path], out: Path) -> list[Path]:
@@ -97,11 +102,7 @@ def draw_curve_panels(panels: dict[str, list[Curve]], path: Path, title: str, xl
         if any(label for label, *_ in curves):
             ax.legend(fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def read_probe_report(run: Path) -> dict:
@@ -166,11 +167,7 @@ def draw_probe_accuracy(reports: dict[str, dict], path: Path) -> Path:
            ylabel="probe test accuracy (%)", title="Linear probe on each block's features")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def draw_information_plane(run_name: str, history: list[dict], report: dict | None, path: Path) -> Path:
@@ -198,11 +195,7 @@ def draw_information_plane(run_name: str, history: list[dict], report: dict | No
     ax.grid(alpha=0.3)
     if blocks:
         ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def plot_probes(runs: list[Path], out: Path) -> list[Path]:
