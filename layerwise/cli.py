@@ -134,8 +134,9 @@ def train(
 def eval_command(
     run: Annotated[Path | None, typer.Argument(help="Run folder or .safetensors checkpoint (default: runs/latest).",
                                                    show_default=False)] = None,
-    noise: Annotated[str, typer.Option("--noise", help="Gaussian noise std(s) in [0, 1] pixel space, "
-                                                      "comma-separated for a sweep, e.g. 0,0.05,0.5,0.8.")] = "0",
+    noise: Annotated[str, typer.Option("--noise", help="Gaussian noise std(s) in [0, 1], added in the space "
+                                                      "--noise-space names; comma-separated for a sweep, e.g. "
+                                                      "0,0.05,0.5,0.8.")] = "0",
     noise_seed: Annotated[int, typer.Option("--noise-seed", help="Seed of the per-sample noise.")] = 0,
     noise_space: Annotated[str, typer.Option(
         "--noise-space", help="pixel: noise in [0, 1] pixel space before normalisation, then clipped (the paper's "

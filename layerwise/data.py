@@ -443,7 +443,7 @@ _NOISE_CHUNK_ELEMENTS = 1 << 21
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32 variant) of values in [0, 2^32), in int64.
+    """A 32-bit integer hash (Wellons' lowbias32 variant) of values in [0, 2^32), in int64 (or Python ints).
 
     Both multipliers are below 2^31, so every product stays below 2^63: the int64 arithmetic
     never overflows and gives the same bits on every device.
@@ -455,7 +455,7 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def _sample_keys(seed_key: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _sample_keys(seed_key: torch.Tensor | int, indices: torch.Tensor) -> torch.Tensor:
     """One 32-bit key per sample (int64 ``indices``, any value) under the scalar ``seed_key``."""
     sample_key = _hash32(seed_key ^ (indices & _MASK32))
     return _hash32(sample_key ^ ((indices >> 32) & _MASK32))  # indices beyond 2^32 too
@@ -571,10 +571,11 @@ def augment_draws(
     """
     device = torch.device(device)
     indices = indices.to(device=device, dtype=torch.int64)
-    key = _hash32(torch.tensor(_AUGMENT_SALT, dtype=torch.int64, device=device))
+    # The scalar key in Python integers (_hash32 works on them too): no host-to-device copy per batch.
+    key = _hash32(_AUGMENT_SALT)
     for value in (seed, epoch):  # both halves of each, so seeds beyond 2^32 differ too
         for half in (value & _MASK32, (value >> 32) & _MASK32):
-            key = _hash32(key ^ torch.tensor(half, dtype=torch.int64, device=device))
+            key = _hash32(key ^ half)
     sample_key = _sample_keys(key, indices)
     # Three independent 32-bit draws per sample: row offset, column offset, flip.
     bits = _hash32(sample_key[:, None] ^ _hash32(torch.arange(1, 4, dtype=torch.int64, device=device)))

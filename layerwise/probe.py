@@ -243,7 +243,8 @@ def probe_report(
     def stream(images: torch.Tensor, labels: torch.Tensor) -> BatchStream:
         # The run's test-time inputs: its training noise, seeded as its own evaluation seeds it.
         return BatchStream(spec, images, labels, batch_size=EXTRACT_BATCH, shuffle=False, seed=0,
-                           noise=recipe.data.train_noise, noise_seed=0, device=device)
+                           noise=recipe.data.train_noise, noise_seed=0, noise_space=recipe.data.noise_space,
+                           device=device)
 
     train_stream, test_stream = stream(train_images, train_labels), stream(test_images, test_labels)
     train_y, test_y = train_labels.to(device), test_labels.to(device)

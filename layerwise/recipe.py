@@ -125,7 +125,7 @@ class DataConfig:
     batch_size: int = check(positive, 256)
     # Larger test batches only speed up evaluation; they do not change any result.
     test_batch_size: int = check(positive, 1000)
-    # Std of Gaussian noise added to training images in [0, 1] pixel space (noise adaptation).
+    # Std of Gaussian noise added to training (and the run's test) images, in [0, 1]: noise adaptation.
     train_noise: float = check(unit_interval, 0.0)
     # Use only the first N training samples: for smoke tests and quick experiments.
     train_limit: int | None = check(positive, None)
