@@ -115,7 +115,7 @@ def dot_features(features: torch.Tensor, kernel: str) -> torch.Tensor:
     if kernel == "cosine":
         return flat / flat.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
     if kernel == "linear":
-        return flat
+        return flat * (1.0 / math.sqrt(flat.shape[1]))
     raise ValueError(f"dot_features: kernel must be 'cosine' or 'linear', found {kernel!r}")
 
 

@@ -28,8 +28,8 @@ Two normalisations:
 The input and label terms (``R_x``, ``R_y`` or the unit-norm centred Grams) do not depend on
 the block, so they are computed once per batch and shared through ``ctx.kernels``.
 
-For large batches, ``estimator: rff`` (Gaussian kernel only) replaces each kernel by ``D`` random Fourier features
-``Phi`` with ``Kc ~ Phi Phi^T`` (Rahimi and Recht, 2007). Both normalisations then need only
+For large batches, ``estimator: rff`` (Gaussian kernel only) replaces each kernel by ``D`` random
+Fourier features ``Phi`` with ``Kc ~ Phi Phi^T`` (Rahimi and Recht, 2007). Both normalisations then need only
 ``D x D`` matrices: CKA is ``||Pa^T Pb||_F^2 / (||Pa^T Pa||_F ||Pb^T Pb||_F)``, and by the
 push-through identity ``R = Phi (Phi^T Phi + eps m I)^-1 Phi^T``. The labels need no random
 features: their centred kernel is exactly ``U U^T`` with ``C`` columns
@@ -62,7 +62,7 @@ from layerwise.schema import Problems, join
 class NHSICConfig:
     """Options of the ``nhsic`` objective."""
 
-    # Kernel of Z and X (and of the labels, where all three give H Y Y^T H up to a scale):
+    # Kernel of Z, X and the labels (on one-hot labels all three give H Y Y^T H up to a scale):
     # gaussian exp(-||a - b||^2 / (2 sigma^2 d)), cosine <a, b> / (|a| |b|), linear <a, b> / d.
     kernel: Literal["gaussian", "cosine", "linear"] = "gaussian"
     # Kernel width, in units of sqrt(d). 5 is the HSIC-bottleneck code's default and works
