@@ -35,7 +35,7 @@ statistic is cheap, and it has no random-feature error. Settings, per block:
 - any other block (``none``, a plugin's objective): those of the run's first ``nhsic`` block,
   or, when the run has none, the ``nhsic`` defaults (``sigma`` 5, ``cca``, ``eps`` 1e-5).
 
-Each row says which (``hsic_sigma``, ``hsic_normalization``, ``hsic_from``).
+Each row says which (``hsic_kernel``, ``hsic_sigma``, ``hsic_normalization``, ``hsic_from``).
 
 Inputs carry the run's ``data.train_noise``, seeded as in the run's own test evaluation, so the
 probes see the data the network was evaluated on.
@@ -58,16 +58,8 @@ from layerwise.data import BatchStream, load_split
 from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
-from layerwise.objectives.base import KernelCache
-from layerwise.objectives.kernels import (
-    CCAStatistic,
-    CKAStatistic,
-    cca_operator,
-    centered_gaussian_gram,
-    label_cca_operator,
-    unit_centered_gram,
-)
-from layerwise.objectives.nhsic import NHSICConfig
+from layerwise.objectives.base import KernelCache, LossContext
+from layerwise.objectives.nhsic import NHSICConfig, exact_terms
 from layerwise.progress import progress_bar
 from layerwise.trainer import evaluate
 
@@ -78,12 +70,18 @@ REPORT_PREFIX = "probe"
 
 @dataclass(frozen=True)
 class HSICSettings:
-    """How nHSIC is measured for one block, and where the settings come from."""
+    """How nHSIC is measured for one block (an ``nhsic`` config: kernel, sigma, normalisation,
+    eps), and where the settings come from."""
 
-    sigma: float
-    normalization: str  # "cca" or "cka"
-    eps: float
+    config: NHSICConfig
     source: str  # "own objective", "first nhsic block 'NAME'" or "nhsic defaults"
+
+    @property
+    def label(self) -> str:
+        """'sigma 10, cca' (Gaussian) or 'cosine, cka': what the table's caption says."""
+        cfg = self.config
+        kernel = f"sigma {cfg.sigma:g}" if cfg.kernel == "gaussian" else cfg.kernel
+        return f"{kernel}, {cfg.normalization}"
 
 
 def hsic_settings(graph: Network) -> dict[str, HSICSettings]:
@@ -91,15 +89,14 @@ def hsic_settings(graph: Network) -> dict[str, HSICSettings]:
     nhsic = [name for name in graph.order if isinstance(graph.blocks[name].spec.config, NHSICConfig)]
     if nhsic:
         first = graph.blocks[nhsic[0]].spec.config
-        fallback = HSICSettings(first.sigma, first.normalization, first.eps, f"first nhsic block '{nhsic[0]}'")
+        fallback = HSICSettings(first, f"first nhsic block '{nhsic[0]}'")
     else:
-        defaults = NHSICConfig()
-        fallback = HSICSettings(defaults.sigma, defaults.normalization, defaults.eps, "nhsic defaults")
+        fallback = HSICSettings(NHSICConfig(), "nhsic defaults")
     settings = {}
     for name in graph.order:
         config = graph.blocks[name].spec.config
         if isinstance(config, NHSICConfig):
-            settings[name] = HSICSettings(config.sigma, config.normalization, config.eps, "own objective")
+            settings[name] = HSICSettings(config, "own objective")
         else:
             settings[name] = fallback
     return settings
@@ -114,17 +111,8 @@ def nhsic_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, settings
     kernels = kernels if kernels is not None else KernelCache()
     dtype = torch.promote_types(z.dtype, torch.float32)
     z, x, onehot = z.flatten(1).to(dtype), x.flatten(1).to(dtype), onehot.to(dtype)
-    sigma, eps = settings.sigma, settings.eps
-    if settings.normalization == "cca":
-        key = ("nhsic-cca", sigma, eps, dtype)
-        r_x = kernels.get(key + ("x",), lambda: cca_operator(centered_gaussian_gram(x, sigma), eps))
-        r_y = kernels.get(key + ("y",), lambda: label_cca_operator(onehot, sigma, eps))
-        stats = CCAStatistic.apply(centered_gaussian_gram(z, sigma), r_x, r_y, eps)
-    else:
-        key = ("nhsic-cka", sigma, dtype)
-        u_x = kernels.get(key + ("x",), lambda: unit_centered_gram(x, sigma))
-        u_y = kernels.get(key + ("y",), lambda: unit_centered_gram(onehot, sigma))
-        stats = CKAStatistic.apply(centered_gaussian_gram(z, sigma), u_x, u_y)
+    ctx = LossContext(x=x, y=onehot.argmax(dim=1), num_classes=onehot.shape[1], kernels=kernels)
+    stats = torch.stack(exact_terms(z, x, onehot, settings.config, ctx))
     zx, zy = stats.tolist()
     return zx, zy
 
@@ -272,8 +260,9 @@ def probe_report(
                 **fit,
                 "hsic_zx": zx,
                 "hsic_zy": zy,
-                "hsic_sigma": settings[name].sigma,
-                "hsic_normalization": settings[name].normalization,
+                "hsic_kernel": settings[name].config.kernel,
+                "hsic_sigma": settings[name].config.sigma,
+                "hsic_normalization": settings[name].config.normalization,
                 "hsic_from": settings[name].source,
             })
             del train_z, test_z
@@ -328,10 +317,11 @@ def report_table(report: dict):
     hsic = report["hsic"]
     used = {}
     for row in report["rows"]:
-        key = (row["hsic_sigma"], row["hsic_normalization"], row["hsic_from"])
+        kernel = row.get("hsic_kernel", "gaussian")  # reports written before kernels were a choice
+        measure = f"sigma {row['hsic_sigma']:g}" if kernel == "gaussian" else kernel
+        key = (f"{measure}, {row['hsic_normalization']}", row["hsic_from"])
         used.setdefault(key, []).append(row["block"])
-    settings = "; ".join(f"{', '.join(blocks)}: sigma {sigma:g}, {norm} ({source})"
-                         for (sigma, norm, source), blocks in used.items())
+    settings = "; ".join(f"{', '.join(blocks)}: {measure} ({source})" for (measure, source), blocks in used.items())
     table.caption = escape(f"nHSIC on the test set, averaged over {hsic['batches']} batches of {hsic['batch_size']} "
                            f"(a batch statistic); {settings}")
     return table

@@ -60,6 +60,9 @@ def scalars(record: dict) -> dict[str, float]:
         for metric, value in (metrics or {}).items():
             if is_number(value):
                 values[f"blocks/{block}/{metric}"] = float(value)
+    for group, value in (record.get("lr") or {}).items():  # with a learning-rate schedule (optim.schedule)
+        if is_number(value):
+            values[f"lr/{group}"] = float(value)
     return values
 
 

@@ -19,19 +19,20 @@ from tests.helpers import tiny_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW_FIELDS = {"block", "objective", "features", "train_acc", "test_acc", "test_loss", "hsic_zx", "hsic_zy",
-              "hsic_sigma", "hsic_normalization", "hsic_from"}
+              "hsic_kernel", "hsic_sigma", "hsic_normalization", "hsic_from"}
 
 
 @pytest.mark.parametrize("normalization", ["cca", "cka"])
-def test_nhsic_is_the_objectives_own_estimator(normalization):
+@pytest.mark.parametrize("kernel", ["gaussian", "cosine", "linear"])
+def test_nhsic_is_the_objectives_own_estimator(normalization, kernel):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(48, 1, 6, 6, generator=generator)
     y = torch.arange(48) % 10
     z = torch.randn(48, 16, generator=generator)
-    config = NHSICConfig(sigma=4.0, normalization=normalization)
+    config = NHSICConfig(sigma=4.0, normalization=normalization, kernel=kernel)
     objective = NHSIC(config, BlockInfo("b", (36,), (16,), (1, 6, 6), 10))
     _, metrics = objective.loss(z, LossContext(x, y, 10))
-    settings = HSICSettings(4.0, normalization, config.eps, "own objective")
+    settings = HSICSettings(config, "own objective")
     zx, zy = nhsic_terms(z, x, torch.nn.functional.one_hot(y, 10), settings)
     assert zx == pytest.approx(metrics["hsic_zx"].item(), rel=1e-5)
     assert zy == pytest.approx(metrics["hsic_zy"].item(), rel=1e-5)
@@ -50,13 +51,13 @@ def test_each_block_is_measured_with_its_own_or_the_first_nhsic_settings():
                                                          "objective": {"name": "nhsic", "sigma": 7,
                                                                        "normalization": "cka"}})
     settings = hsic_settings(network_from_recipe(parse_recipe(data, "t"), (1, 28, 28), 10))
-    assert settings["hsic1"] == HSICSettings(5.0, "cca", 1e-5, "own objective")
-    assert settings["hsic2"] == HSICSettings(7.0, "cka", 1e-5, "own objective")
-    assert settings["bp1"] == settings["head"] == HSICSettings(5.0, "cca", 1e-5, "first nhsic block 'hsic1'")
+    assert settings["hsic1"] == HSICSettings(NHSICConfig(sigma=5.0), "own objective")
+    assert settings["hsic2"] == HSICSettings(NHSICConfig(sigma=7.0, normalization="cka"), "own objective")
+    assert settings["bp1"] == settings["head"] == HSICSettings(NHSICConfig(sigma=5.0), "first nhsic block 'hsic1'")
     data = tiny_recipe()
     data["model"]["subnetworks"][0]["blocks"][0]["objective"] = "none"
     settings = hsic_settings(network_from_recipe(parse_recipe(data, "t"), (1, 28, 28), 10))
-    assert set(settings.values()) == {HSICSettings(5.0, "cca", 1e-5, "nhsic defaults")}
+    assert all(value == HSICSettings(NHSICConfig(), "nhsic defaults") for value in settings.values())
 
 
 def test_the_linear_probe_separates_separable_classes_deterministically():

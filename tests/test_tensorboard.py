@@ -63,6 +63,8 @@ def test_record_fields_become_tags_and_block_metrics_are_nested():
     assert scalars(RECORD) == expected_scalars(RECORD)
     assert scalars({"epoch": 1, "skipped_batches": 2, "new_metric": 0.5, "flag": True, "note": "x"}) == {
         "train/skipped_batches": 2.0, "new_metric": 0.5}
+    # a learning-rate schedule logs each epoch's rates
+    assert scalars({"epoch": 3, "lr": {"local": 5e-4, "global": 1e-3}}) == {"lr/local": 5e-4, "lr/global": 1e-3}
 
 
 def test_the_recipe_flattens_to_override_paths_with_scalar_values():
