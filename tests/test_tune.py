@@ -22,15 +22,8 @@ import pytest
 import yaml
 
 from layerwise.errors import LayerwiseError, NonFiniteError
-from layerwise.tune import (
-    Space,
-    owner,
-    owner_is_gone,
-    parse_param,
-    run_search,
-    short_labels,
-    yaml_scalar,
-)
+from layerwise.tune import owner, owner_is_gone, run_search
+from layerwise.tune_space import Space, parse_param, short_labels, yaml_scalar
 from tests.helpers import REPO, assert_one_line_error, finish, start_layerwise, tiny_recipe
 
 optuna = pytest.importorskip("optuna")
