@@ -290,8 +290,10 @@ def compare(
                        r"(needs layerwise\[plot]).", show_default=False, metavar="FILE")] = None,
     runs_dir: RunsOpt = Path("runs"),
 ) -> None:
-    """Compare runs in one table: recipe, what trains each block, epochs, final and best test and validation
-    accuracy, noise results from 'layerwise eval', train time, parameters. Runs of one recipe that differ only
+    """Compare runs in one table; seeds of one recipe form one row, mean ± std.
+
+    Columns: the recipe, what trains each block, epochs, final and best test and validation accuracy,
+    noise results from 'layerwise eval', train time and parameters. Runs of one recipe that differ only
     in seed form one row, mean ± std."""
     from layerwise.compare import check_plot_target, compare_runs, plot_rows, print_table, rows_json, table
 
@@ -343,8 +345,9 @@ def tune(
     data_root: DataRootOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the trials as JSON on stdout.")] = False,
 ) -> None:
-    r"""Search hyper-parameters with Optuna, choosing on validation accuracy; every trial is a normal run
-    folder (needs layerwise\[tune]).
+    r"""Search hyper-parameters with Optuna, on validation accuracy (needs layerwise\[tune]).
+
+    Every trial is a normal run folder.
 
     SPACE is log:1e-4..1e-2 (a float on a log scale), float:0.1..0.9 or 0.1..0.9 (a float),
     int:16..256 or int:16..256:log (an integer), choice:relu,tanh,gelu (values read as YAML scalars), or
@@ -380,8 +383,10 @@ def plot(
                          "(nHSIC(Z,X) against nHSIC(Z,Y) per block over the epochs the run logged).")] = False,
 ) -> None:
     # Raw docstring with "\[": typer renders help as rich markup, where a bare "[plot]" is a style tag and vanishes.
-    r"""Draw test accuracy per epoch, accuracy against noise from each run's eval/, and with --probes probe
-    accuracy per block and the information plane (needs layerwise\[plot])."""
+    r"""Draw accuracy per epoch and against noise, and with --probes the probes (needs layerwise\[plot]).
+
+    Test accuracy per epoch, accuracy against noise from each run's eval/, and with --probes the probe
+    accuracy per block and the information plane."""
     from layerwise.plot import plot_probes, plot_runs
 
     probe_figures = plot_probes(runs, out) if probes else []  # first: a run with no probe report fails early
@@ -408,8 +413,10 @@ def probe(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
-    """Linear probe of every block: a linear classifier trained on its frozen features, its test accuracy,
-    and nHSIC(Z,X) and nHSIC(Z,Y) on the test set. The report goes to RUN/eval/probe-latest.json.
+    """Linear probe of every block, with nHSIC(Z,X) and nHSIC(Z,Y) on the test set.
+
+    For every block, a linear classifier trained on its frozen features and its test accuracy, and
+    nHSIC(Z,X) and nHSIC(Z,Y) on the test set. The report goes to RUN/eval/probe-latest.json.
     """
     from layerwise.checkpoint import find_weights
     from layerwise.noise_eval import check_report_folder
