@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from layerwise.checkpoint import (
+    embedded_recipe,
     find_weights,
-    load_checkpoint,
+    metadata_json,
     model_from_checkpoint,
     read_safetensors,
     save_network,
@@ -236,8 +237,8 @@ def load_weights(network: Network, path: str | Path) -> Network:
         if problems:
             raise CheckpointError(f"{weights}: was saved from another network: " + "; ".join(problems[:5]))
         shape = saved["input_shape"]
-    else:  # a run's checkpoint: its recipe's dataset gives the input shape
-        shape = dataset_spec(load_checkpoint(weights).recipe).shape
+    else:  # a run's checkpoint: its recipe's dataset gives the input shape (from the metadata just read)
+        shape = dataset_spec(embedded_recipe(weights, metadata_json(weights, metadata, "layerwise.recipe"))).shape
     if not network.materialized:
         network.materialize(shape)
     copy_weights(network, tensors, weights)

@@ -515,13 +515,8 @@ def add_gaussian_noise(
     The noise of a sample depends only on ``(seed, indices[b])``: a noisy test set is the same
     in every run, whatever the batch size or order. ``sigma == 0`` returns the input itself.
     """
-    check_noise_sigma(sigma)
-    if sigma == 0:
-        return images01
-    if len(indices) != len(images01):
-        raise ValueError(f"{len(indices)} indices for a batch of {len(images01)} images")
-    noise = gaussian_noise(tuple(images01.shape), indices, seed, images01.device)
-    return (images01 + sigma * noise.to(images01.dtype)).clamp_(0.0, 1.0)
+    noisy = with_noise(images01, sigma, indices, seed)
+    return noisy if noisy is images01 else noisy.clamp_(0.0, 1.0)
 
 
 def add_normalized_noise(
@@ -533,6 +528,12 @@ def add_normalized_noise(
 
     ``sigma == 0`` returns the input itself.
     """
+    return with_noise(images, sigma, indices, seed)
+
+
+def with_noise(images: torch.Tensor, sigma: float, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """``images + sigma * noise`` with each sample's noise seeded by ``(seed, indices[b])``, as a
+    new tensor; ``images`` itself when ``sigma == 0``."""
     check_noise_sigma(sigma)
     if sigma == 0:
         return images

@@ -58,7 +58,7 @@ from layerwise.data import BatchStream, load_split
 from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
-from layerwise.objectives.base import KernelCache, LossContext
+from layerwise.objectives.base import KernelCache
 from layerwise.objectives.nhsic import NHSICConfig, exact_terms
 from layerwise.progress import progress_bar
 from layerwise.trainer import evaluate
@@ -111,8 +111,7 @@ def nhsic_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, settings
     kernels = kernels if kernels is not None else KernelCache()
     dtype = torch.promote_types(z.dtype, torch.float32)
     z, x, onehot = z.flatten(1).to(dtype), x.flatten(1).to(dtype), onehot.to(dtype)
-    ctx = LossContext(x=x, y=onehot.argmax(dim=1), num_classes=onehot.shape[1], kernels=kernels)
-    stats = torch.stack(exact_terms(z, x, onehot, settings.config, ctx))
+    stats = torch.stack(exact_terms(z, x, onehot, settings.config, kernels))
     zx, zy = stats.tolist()
     return zx, zy
 

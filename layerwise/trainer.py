@@ -374,7 +374,10 @@ class Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """One training step on a batch; a non-finite batch stops training or, with
         ``train.on_nonfinite: skip``, leaves every optimizer unstepped (see :mod:`layerwise.nonfinite`)."""
-        x, y = self.prepare_batch((x, y))
+        return self.step_on_device(*self.prepare_batch((x, y)))
+
+    def step_on_device(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """:meth:`step` on a batch that :meth:`prepare_batch` has already checked and moved."""
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
         result = self.compute_gradients(x, y)
@@ -461,7 +464,7 @@ class Trainer:
                 raise TrainingInterrupted(f"stopped after batch {done} of epoch {epoch}")
             x, y = self.prepare_batch(batch)
             try:
-                totals.add(self.step(x, y), y)
+                totals.add(self.step_on_device(x, y), y)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -493,8 +496,9 @@ def evaluate(graph: Network, batches, on_batch: Callable[[], None] | None = None
     correct: torch.Tensor | int = 0  # sums stay on the model's device: one host read at the end
     loss_sum: torch.Tensor | float = 0.0
     samples = 0
+    device = graph.device
     for batch in batches:
-        x, y = batch_tensors(batch, graph.device)
+        x, y = batch_tensors(batch, device)
         logits = graph(x)
         correct = correct + (logits.argmax(dim=1) == y).sum()
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

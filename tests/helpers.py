@@ -237,3 +237,18 @@ def resign(path: Path, metadata: dict | None = None, tensors: dict | None = None
 def folder_snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every file (with its bytes) and folder under ``folder``, hidden ones included."""
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+def block_imports(monkeypatch, *prefixes: str) -> None:
+    """Make every import of a module starting with one of ``prefixes`` fail, as where an optional
+    extra is not installed (modules already imported included)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith(prefixes):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)

@@ -6,7 +6,6 @@ tests train nothing; one integration test trains two seeds on real MNIST and com
 
 from __future__ import annotations
 
-import builtins
 import copy
 import json
 import statistics
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_line_error, tiny_recipe
+from tests.helpers import assert_one_line_error, block_imports, tiny_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_PARAMS = 784 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
@@ -175,14 +174,7 @@ def test_plot_writes_a_png_with_test_and_validation_curves(cli, tmp_path):
 
 def test_plot_without_matplotlib_says_how_to_install(cli, tmp_path, monkeypatch):
     make_run(tmp_path, "a")
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_imports(monkeypatch, "matplotlib")
     assert_one_line_error(cli("compare", str(tmp_path / "a"), "--plot", str(tmp_path / "c.png")),
                           "pip install 'layerwise[plot]'")
     assert not (tmp_path / "c.png").exists()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
 
 from layerwise.errors import LayerwiseError
 from layerwise.plot import plot_runs
+from tests.helpers import block_imports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,13 +47,6 @@ def test_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.startswith("matplotlib"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    block_imports(monkeypatch, "matplotlib")
     with pytest.raises(LayerwiseError, match=r"pip install 'layerwise\[plot\]'"):
         plot_runs([fake_run(tmp_path, "a", [0.5])], tmp_path / "plots")

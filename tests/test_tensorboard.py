@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
@@ -20,7 +19,7 @@ from layerwise.tensorboard_log import (
     scalars,
     tensorboard_callbacks,
 )
-from tests.helpers import assert_one_line_error, tiny_recipe
+from tests.helpers import assert_one_line_error, block_imports, tiny_recipe
 
 RECORD = {"epoch": 3, "train_acc": 0.5, "global_loss": 1.25, "blocks": {"hsic1": {"loss": -40.5, "hsic_zx": 3.5,
           "hsic_zy": 0.4375}}, "test_acc": 0.625, "test_loss": 1.0, "train_seconds": 2.5, "val_acc": 0.75}
@@ -109,14 +108,7 @@ def test_no_logger_unless_the_recipe_asks():
 @pytest.fixture
 def no_tensorboard(monkeypatch):
     """Imports of TensorBoard fail, as where the extra is not installed."""
-    real_import = builtins.__import__
-
-    def fake_import(name, *args, **kwargs):
-        if name.startswith(("tensorboard", "torch.utils.tensorboard")):
-            raise ImportError(f"No module named '{name}'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake_import)
+    block_imports(monkeypatch, "tensorboard", "torch.utils.tensorboard")
 
 
 def test_a_missing_extra_is_one_line_before_any_folder_or_data(no_tensorboard, cli, tmp_path, monkeypatch):

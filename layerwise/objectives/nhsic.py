@@ -44,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from layerwise.objectives.base import LossContext, Objective
+from layerwise.objectives.base import KernelCache, LossContext, Objective
 from layerwise.objectives.kernels import (
     CCAStatistic,
     CKAStatistic,
@@ -142,21 +142,21 @@ def feature_cka(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
 
 
 def exact_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, cfg: NHSICConfig,
-                ctx: LossContext) -> tuple[torch.Tensor, torch.Tensor]:
+                kernels: KernelCache) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nHSIC(Z, X), nHSIC(Z, Y))`` from exact ``m x m`` Grams, for flat ``z``, ``x`` and one-hot
-    labels of one dtype. The X and Y terms go through ``ctx.kernels``, keyed by everything they
+    labels of one dtype. The X and Y terms go through ``kernels``, keyed by everything they
     depend on: the kernel (so blocks with different kernels never share them), sigma (Gaussian
     only: blocks that differ only in an ignored sigma share them), eps (cca) and the dtype."""
     sigma = cfg.sigma if cfg.kernel == "gaussian" else None
     if cfg.normalization == "cca":
         key = ("nhsic-cca", cfg.kernel, sigma, cfg.eps, z.dtype)
-        r_x = ctx.kernels.get(key + ("x",), lambda: cca_operator(centered_gram(x, sigma, cfg.kernel), cfg.eps))
-        r_y = ctx.kernels.get(key + ("y",), lambda: label_cca_operator(onehot, sigma, cfg.eps, cfg.kernel))
+        r_x = kernels.get(key + ("x",), lambda: cca_operator(centered_gram(x, sigma, cfg.kernel), cfg.eps))
+        r_y = kernels.get(key + ("y",), lambda: label_cca_operator(onehot, sigma, cfg.eps, cfg.kernel))
         stats = CCAStatistic.apply(centered_gram(z, sigma, cfg.kernel), r_x, r_y, cfg.eps)
     else:
         key = ("nhsic-cka", cfg.kernel, sigma, z.dtype)
-        u_x = ctx.kernels.get(key + ("x",), lambda: unit_centered_gram(x, sigma, cfg.kernel))
-        u_y = ctx.kernels.get(key + ("y",), lambda: unit_centered_gram(onehot, sigma, cfg.kernel))
+        u_x = kernels.get(key + ("x",), lambda: unit_centered_gram(x, sigma, cfg.kernel))
+        u_y = kernels.get(key + ("y",), lambda: unit_centered_gram(onehot, sigma, cfg.kernel))
         stats = CKAStatistic.apply(centered_gram(z, sigma, cfg.kernel), u_x, u_y)
     hsic_zx, hsic_zy = stats
     return hsic_zx, hsic_zy
@@ -220,7 +220,7 @@ class NHSIC(Objective):
         if cfg.estimator == "rff":
             hsic_zx, hsic_zy = self.rff_terms(z, x, y, ctx)
         else:
-            hsic_zx, hsic_zy = exact_terms(z, x, y, cfg, ctx)
+            hsic_zx, hsic_zy = exact_terms(z, x, y, cfg, ctx.kernels)
         loss = hsic_zx - cfg.beta * hsic_zy
         metrics = {"loss": loss.detach(), "hsic_zx": hsic_zx.detach(), "hsic_zy": hsic_zy.detach()}
         return loss, metrics
