@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from tests.helpers import (
     float64_batch,
     float64_trainer,
     gradients,
+    process_tree,
     start_layerwise,
     tiny_recipe,
     wait_for,
@@ -304,23 +304,6 @@ def dropout_recipe(folder) -> str:
 def train_in_2(*args: str, cwd) -> subprocess.Popen:
     """``layerwise train ARGS --nproc 2`` in the background."""
     return start_layerwise("train", *args, "--nproc", "2", "--no-progress", env=subprocess_env(), cwd=cwd)
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from /proc (torchrun puts its workers in sessions of their own,
-    so killing the launcher's process group would not reach them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
 
 
 def kill_tree(pid: int) -> None:

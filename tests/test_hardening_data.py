@@ -32,7 +32,7 @@ import yaml
 
 from layerwise import data, distributed, plugins, progress
 from layerwise.errors import DataError, LayerwiseError
-from tests.helpers import REPO, assert_one_line_error, tiny_recipe
+from tests.helpers import REPO, assert_one_line_error, process_tree, tiny_recipe
 
 # --------------------------------------------------------------------------- fake datasets
 
@@ -415,22 +415,6 @@ def test_a_parent_that_died_before_the_watch_began_is_noticed():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == -signal.SIGKILL and "alive" not in done.stdout
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants, from /proc (torchrun puts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
 
 
 def worker_rank(pid: int) -> int | None:
