@@ -15,6 +15,8 @@ stopped (finished jobs are skipped). ``docs/results/<study>.md`` is rewritten fr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
 import time
@@ -28,6 +30,7 @@ from layerwise.checkpoint import WEIGHTS_FILE
 from layerwise.factory import load_recipe
 from layerwise.noise_eval import evaluate_noise
 from layerwise.progress import progress_bar
+from layerwise.recipe import objective_name
 from layerwise.runs import cpu_name
 from layerwise.shipped import shipped_recipes
 from layerwise.train_run import train_recipe
@@ -49,6 +52,8 @@ class Job:
     overrides: list[str]
     labels: dict
     eval_noise: list[float] = field(default_factory=lambda: list(SWEEP))
+    # Where the test noise goes: "pixel" fills record["noise"], "normalized" record["noise_normalized"].
+    eval_spaces: tuple[str, ...] = ("pixel",)
 
 
 def method_recipe(method: str, dataset: str) -> tuple[str, list[str]]:
@@ -59,7 +64,7 @@ def method_recipe(method: str, dataset: str) -> tuple[str, list[str]]:
     return METHODS[method], [f"data.dataset={dataset}", f"name={name}"]
 
 
-def accuracy_jobs(seeds: list[int]) -> list[Job]:
+def accuracy_jobs(seeds: list[int], out: Path) -> list[Job]:
     """Study 1: three methods on three datasets, several seeds, each evaluated over the noise sweep."""
     jobs = []
     for dataset in DATASETS:
@@ -71,7 +76,7 @@ def accuracy_jobs(seeds: list[int]) -> list[Job]:
     return jobs
 
 
-def noise_jobs(seeds: list[int]) -> list[Job]:
+def noise_jobs(seeds: list[int], out: Path) -> list[Job]:
     """Study 2 (Table II): train and test with the same noise std, for every method on MNIST."""
     jobs = []
     for train_noise in (0.05, 0.5, 0.8):
@@ -85,7 +90,7 @@ def noise_jobs(seeds: list[int]) -> list[Job]:
     return jobs
 
 
-def sensitivity_jobs(seeds: list[int]) -> list[Job]:
+def sensitivity_jobs(seeds: list[int], out: Path) -> list[Job]:
     """Study 4: nHSIC sigma x beta on the MNIST hybrid, scored on 10,000 held-out training samples."""
     jobs = []
     for sigma in (2.0, 5.0, 10.0, 20.0):
@@ -99,14 +104,150 @@ def sensitivity_jobs(seeds: list[int]) -> list[Job]:
     return jobs
 
 
-def conv_jobs(seeds: list[int]) -> list[Job]:
+def conv_jobs(seeds: list[int], out: Path) -> list[Job]:
     """A small conv network on CIFAR-10, hybrid against backprop (the issue's "better with a conv recipe")."""
     return [Job(f"cifar10/conv_{method}/seed{seed}", f"cifar10_conv_{method}", [f"seed={seed}"],
                 {"dataset": "cifar10", "method": f"conv {method}", "seed": seed})
             for method in ("hybrid", "backprop") for seed in seeds]
 
 
-STUDIES = {"accuracy": accuracy_jobs, "noise": noise_jobs, "sensitivity": sensitivity_jobs, "conv": conv_jobs}
+# --- The published tables (issue 12): settings chosen on validation splits, then test runs ---------
+#
+# A "-select" study trains each candidate once (seed 0) with the last training samples held out, and
+# its test study reads the winner per (dataset, method) from the select study's JSON. So the final
+# settings are chosen by validation accuracy alone, by code, and the choice is written beside them.
+
+PHSIC_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+PHSIC_METHODS = ("hsic", "hybrid", "backprop")
+PHSIC_SELECT_EPOCHS = 5
+PHSIC_EPOCHS = 15
+PHSIC_SEEDS = {"mnist": 3, "fashion_mnist": 3, "cifar10": 1}  # fewer seeds on the longest runs (CIFAR-10)
+HYBRID_DATASETS = ("mnist", "fashion_mnist")
+HYBRID_EPOCHS = 25
+VALIDATION = 10000
+COSINE = ["optim.schedule.name=cosine"]
+
+
+def objective_paths(recipe_name: str) -> list[str]:
+    """Override paths of every block with an nHSIC objective in a shipped recipe."""
+    recipe = load_recipe(shipped_recipes()[recipe_name])
+    return [f"model.subnetworks.{sn.name}.blocks.{block.name}.objective"
+            for sn in recipe.model.subnetworks for block in sn.blocks
+            if objective_name(block.objective) == "nhsic"]
+
+
+def phsic_candidates(method: str) -> dict[str, list[str]]:
+    """The settings tried on validation for an nHSIC method of the pHSIC network: the kernel."""
+    paths = objective_paths(f"phsic_mnist_{method}")
+    return {kernel: [f"{path}.kernel={kernel}" for path in paths] for kernel in ("gaussian", "cosine")}
+
+
+def phsic_select_jobs(seeds: list[int], out: Path) -> list[Job]:
+    """pHSIC's 3x1024 MLP: each kernel on each dataset, seed 0, scored on held-out training samples.
+    The backprop twin has no nHSIC setting to choose, so it is not in this study."""
+    return [Job(f"{dataset}/{method}/{name}", f"phsic_{dataset}_{method}",
+                settings + COSINE + [f"train.epochs={PHSIC_SELECT_EPOCHS}", f"data.validation={VALIDATION}",
+                                     "seed=0"],
+                {"dataset": dataset, "method": method, "candidate": name, "settings": settings, "seed": 0},
+                eval_noise=[0.0])
+            for dataset in PHSIC_DATASETS for method in ("hsic", "hybrid")
+            for name, settings in phsic_candidates(method).items()]
+
+
+def hybrid_candidates(dataset: str) -> dict[str, list[str]]:
+    """Schedule, epochs and augmentation tried on validation for the hybrid paper's network."""
+    augment = ["data.augment.crop_padding=2"] + (["data.augment.flip=true"] if dataset != "mnist" else [])
+    longer = [f"train.epochs={HYBRID_EPOCHS}"] + COSINE
+    return {"10 epochs, constant lr": ["train.epochs=10"],
+            f"{HYBRID_EPOCHS} epochs, cosine": longer,
+            f"{HYBRID_EPOCHS} epochs, cosine, augment": longer + augment}
+
+
+def hybrid_select_jobs(seeds: list[int], out: Path) -> list[Job]:
+    """The hybrid paper's 784-512-256-128-10 network: each candidate, seed 0, on a validation split."""
+    jobs = []
+    for dataset in HYBRID_DATASETS:
+        recipe, retarget = method_recipe("hybrid", dataset)
+        for name, settings in hybrid_candidates(dataset).items():
+            jobs.append(Job(f"{dataset}/hybrid/{name}", recipe,
+                            retarget + settings + [f"data.validation={VALIDATION}", "seed=0"],
+                            {"dataset": dataset, "method": "hybrid", "candidate": name, "settings": settings,
+                             "seed": 0}, eval_noise=[0.0]))
+    return jobs
+
+
+def chosen(out: Path, select: str, dataset: str, method: str) -> dict | None:
+    """The record with the best validation accuracy among a select study's finished candidates
+    for (dataset, method); None until all of them have finished."""
+    path = out / f"{select}.json"
+    records = json.loads(path.read_text())["records"] if path.exists() else {}
+    rows = [r for r in records.values() if r["dataset"] == dataset and r["method"] == method]
+    candidates = [job for job in STUDIES[select]([0], out) if job.labels["dataset"] == dataset
+                  and job.labels["method"] == method]
+    if not rows or len(rows) < len(candidates):
+        return None
+    return max(rows, key=lambda r: r["val_acc"])
+
+
+def phsic_jobs(seeds: list[int], out: Path) -> list[Job]:
+    """pHSIC's table: the chosen kernel per (dataset, method), trained on the full training set."""
+    jobs = []
+    for dataset in PHSIC_DATASETS:
+        for method in PHSIC_METHODS:
+            best = chosen(out, "phsic-select", dataset, method) if method != "backprop" else \
+                {"candidate": "—", "settings": []}
+            if best is None:
+                continue  # its kernel is not chosen yet: the jobs appear once phsic-select has run
+            for seed in seeds[:PHSIC_SEEDS[dataset]]:
+                jobs.append(Job(f"{dataset}/{method}/seed{seed}", f"phsic_{dataset}_{method}",
+                                best["settings"] + COSINE + [f"train.epochs={PHSIC_EPOCHS}", f"seed={seed}"],
+                                {"dataset": dataset, "method": method, "candidate": best["candidate"],
+                                 "seed": seed}, eval_noise=[0.0]))
+    return jobs
+
+
+def hybrid_jobs(seeds: list[int], out: Path) -> list[Job]:
+    """The hybrid network with its chosen settings, and its backprop twin with the same settings."""
+    jobs = []
+    for dataset in HYBRID_DATASETS:
+        best = chosen(out, "hybrid-select", dataset, "hybrid")
+        if best is None:
+            continue  # its settings are not chosen yet: the jobs appear once hybrid-select has run
+        for method in ("hybrid", "backprop"):
+            recipe, retarget = method_recipe(method, dataset)
+            for seed in seeds:
+                jobs.append(Job(f"{dataset}/{method}/seed{seed}", recipe,
+                                retarget + best["settings"] + [f"seed={seed}"],
+                                {"dataset": dataset, "method": method, "candidate": best["candidate"],
+                                 "seed": seed}, eval_noise=[0.0]))
+    return jobs
+
+
+def noise_space_jobs(seeds: list[int], out: Path) -> list[Job]:
+    """Tables II and III in both noise spaces, for the hybrid and backprop, with the paper's 10 epochs.
+
+    Table II trains and tests at the same std, in one space; Table III trains clean and tests at
+    std 0.5, so one clean run per seed serves both spaces."""
+    jobs = []
+    for method in ("hybrid", "backprop"):
+        recipe, retarget = method_recipe(method, "mnist")
+        for seed in seeds:
+            jobs.append(Job(f"clean/{method}/seed{seed}", recipe, retarget + [f"seed={seed}"],
+                            {"table": "III", "space": "both", "train_noise": 0.0, "method": method, "seed": seed},
+                            eval_noise=[0.5], eval_spaces=("pixel", "normalized")))
+            for space in ("pixel", "normalized"):
+                for train_noise in (0.05, 0.5, 0.8):
+                    jobs.append(Job(f"{space}{train_noise}/{method}/seed{seed}", recipe,
+                                    retarget + [f"seed={seed}", f"data.train_noise={train_noise}",
+                                                f"data.noise_space={space}"],
+                                    {"table": "II", "space": space, "train_noise": train_noise, "method": method,
+                                     "seed": seed}, eval_noise=[train_noise], eval_spaces=(space,)))
+    return jobs
+
+
+STUDIES = {"accuracy": accuracy_jobs, "noise": noise_jobs, "sensitivity": sensitivity_jobs, "conv": conv_jobs,
+           "phsic-select": phsic_select_jobs, "phsic": phsic_jobs, "hybrid-select": hybrid_select_jobs,
+           "hybrid": hybrid_jobs, "noise-spaces": noise_space_jobs}
 
 
 def run_job(job: Job, extra: list[str], runs_dir: Path) -> dict:
@@ -116,7 +257,8 @@ def run_job(job: Job, extra: list[str], runs_dir: Path) -> dict:
     run = train_recipe(recipe, runs_dir, show_progress=False, quiet=True)
     wall = time.perf_counter() - started
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    report = evaluate_noise(run / WEIGHTS_FILE, job.eval_noise, show_progress=False)
+    reports = {space: evaluate_noise(run / WEIGHTS_FILE, job.eval_noise, show_progress=False, noise_space=space)
+               for space in job.eval_spaces}
     return {
         **job.labels,
         "recipe": job.recipe,
@@ -125,7 +267,9 @@ def run_job(job: Job, extra: list[str], runs_dir: Path) -> dict:
         "test_acc": history[-1]["test_acc"],
         "val_acc": history[-1].get("val_acc"),
         "test_acc_by_epoch": [row["test_acc"] for row in history],
-        "noise": {f"{row['noise']:g}": row["acc"] for row in report["results"]},
+        **{("noise" if space == "pixel" else f"noise_{space}"): {f"{row['noise']:g}": row["acc"]
+                                                                  for row in report["results"]}
+           for space, report in reports.items()},
         "train_seconds": round(sum(row["train_seconds"] for row in history), 1),
         "wall_seconds": round(wall, 1),
         "run": str(run.relative_to(REPO) if run.is_relative_to(REPO) else run),
@@ -179,6 +323,65 @@ def sensitivity_markdown(records: dict) -> list[str]:
     return lines
 
 
+PHSIC_PUBLISHED = {"hsic": {"mnist": 98.4, "fashion_mnist": 88.8, "cifar10": 52.5},
+                   "backprop": {"mnist": 98.6, "fashion_mnist": 90.2, "cifar10": 60.0}}
+HYBRID_TARGETS = {"mnist": 98.0, "fashion_mnist": 89.0}
+PAPER_TABLE_II = {0.05: 95.97, 0.5: 93.22, 0.8: 91.28}
+PAPER_TABLE_III = 92.61
+
+
+def select_markdown(records: dict) -> list[str]:
+    lines = ["| dataset | method | candidate | epochs | validation acc % | test acc % (not used) | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    for (dataset, method), rows in group(records, "dataset", "method").items():
+        best = max(rows, key=lambda r: r["val_acc"])
+        for r in rows:
+            lines.append(f"| {dataset} | {method} | {r['candidate']} | {r['epochs']} | {100 * r['val_acc']:.2f} | "
+                         f"{100 * r['test_acc']:.2f} | {'yes' if r is best else ''} |")
+    return lines
+
+
+def phsic_markdown(records: dict) -> list[str]:
+    lines = ["| dataset | method | kernel (chosen on validation) | epochs | seeds | test acc % | pHSIC README % | "
+             "train time / run |", "|---|---|---|---|---|---|---|---|"]
+    for (dataset, method), rows in group(records, "dataset", "method").items():
+        published = PHSIC_PUBLISHED.get(method, {}).get(dataset)
+        lines.append(f"| {dataset} | {method} | {rows[0]['candidate']} | {rows[0]['epochs']} | {len(rows)} | "
+                     f"{mean_std([r['test_acc'] for r in rows])} | {published if published else '—'} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s |")
+    return lines
+
+
+def hybrid_markdown(records: dict) -> list[str]:
+    lines = ["| dataset | method | settings (chosen on validation) | seeds | test acc % | issue's target % | "
+             "train time / run |", "|---|---|---|---|---|---|---|"]
+    for (dataset, method), rows in group(records, "dataset", "method").items():
+        target = HYBRID_TARGETS[dataset] if method == "hybrid" else "—"
+        lines.append(f"| {dataset} | {method} | {rows[0]['candidate']} | {len(rows)} | "
+                     f"{mean_std([r['test_acc'] for r in rows])} | {target} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s |")
+    return lines
+
+
+def noise_space_markdown(records: dict) -> list[str]:
+    table_ii = {k: r for k, r in records.items() if r["table"] == "II"}
+    table_iii = {k: r for k, r in records.items() if r["table"] == "III"}
+    lines = ["Table II (train and test at the same std):", "",
+             "| noise space | std | method | seeds | test acc % | paper's hybrid % |", "|---|---|---|---|---|---|"]
+    for (space, noise, method), rows in group(table_ii, "space", "train_noise", "method").items():
+        lines.append(f"| {space} | {noise:g} | {method} | {len(rows)} | {mean_std([r['test_acc'] for r in rows])} | "
+                     f"{PAPER_TABLE_II[noise] if method == 'hybrid' else '—'} |")
+    lines += ["", "Table III (clean training, test noise std 0.5):", "",
+              "| method | seeds | clean test acc % | pixel space % | normalized space % | paper's hybrid % |",
+              "|---|---|---|---|---|---|"]
+    for (method,), rows in group(table_iii, "method").items():
+        lines.append(f"| {method} | {len(rows)} | {mean_std([r['test_acc'] for r in rows])} | "
+                     f"{mean_std([r['noise']['0.5'] for r in rows])} | "
+                     f"{mean_std([r['noise_normalized']['0.5'] for r in rows])} | "
+                     f"{PAPER_TABLE_III if method == 'hybrid' else '—'} |")
+    return lines
+
+
 def accuracy_figures(records: dict, out: Path) -> list[Path]:
     """Per dataset: mean test accuracy per epoch, and against test-noise std, one curve per method."""
     from layerwise.plot import draw
@@ -200,10 +403,12 @@ def accuracy_figures(records: dict, out: Path) -> list[Path]:
 
 
 FIGURES = {"accuracy": accuracy_figures}
-ONE_SEED = ("sensitivity", "conv")  # studies whose default is seed 0 only, to fit a CPU session
+# Studies whose default is seed 0 only, to fit a CPU session (select studies always use seed 0).
+ONE_SEED = ("sensitivity", "conv", "noise-spaces", "phsic-select", "hybrid-select")
 
 RENDERERS = {"accuracy": accuracy_markdown, "noise": noise_markdown, "sensitivity": sensitivity_markdown,
-             "conv": accuracy_markdown}
+             "conv": accuracy_markdown, "phsic-select": select_markdown, "hybrid-select": select_markdown,
+             "phsic": phsic_markdown, "hybrid": hybrid_markdown, "noise-spaces": noise_space_markdown}
 
 
 def write_results(study: str, out: Path, state: dict) -> None:
@@ -216,6 +421,19 @@ def write_results(study: str, out: Path, state: dict) -> None:
               f"torch {machine['torch']}. Wall time of all jobs: {state['total_seconds'] / 60:.1f} min.", ""]
     body = RENDERERS[study](state["records"]) if state["records"] else ["(no finished jobs yet)"]
     write_text_atomic(out / f"{study}.md", "\n".join(header + body) + "\n")
+
+
+def in_study_order(records: dict, order: list[str]) -> dict:
+    """Records sorted as the study lists its jobs (dataset, method, seed), however they were run."""
+    return dict(sorted(records.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock beside ``path`` while a finished job is merged into the study's JSON."""
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,18 +455,23 @@ def main(argv: list[str] | None = None) -> None:
         extra.append(f"train.epochs={args.epochs}")
     if args.tiny:
         extra += ["train.epochs=1", "data.train_limit=1000"]
-    jobs = [job for job in STUDIES[args.study](seeds) if job.key.startswith(args.only)]
+    jobs = [job for job in STUDIES[args.study](seeds, args.out) if job.key.startswith(args.only)]
+    if not jobs:
+        raise SystemExit(f"{args.study}: no job matches --only {args.only!r}"
+                         + (f", or its settings wait for '{args.study}-select' to finish"
+                            if f"{args.study}-select" in STUDIES else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / f"{args.study}.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}, "total_seconds": 0.0}
     command = argv if argv is not None else __import__("sys").argv[1:]
-    state["command"] = "python benchmarks/reproduce.py " + " ".join(command)
+    # The command that runs the whole study: --only splits it over processes, whose jobs all land here.
+    whole = [word for i, word in enumerate(command) if word != "--only" and (i == 0 or command[i - 1] != "--only")]
+    state["command"] = "python benchmarks/reproduce.py " + " ".join(whole)
     state["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu",
                         "torch": torch.__version__}
     # Tables follow the study's own order (dataset, method, seed), however the jobs were resumed.
-    order = [job.key for job in STUDIES[args.study](seeds)]
-    state["records"] = dict(sorted(state["records"].items(),
-                                   key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    order = [job.key for job in STUDIES[args.study](seeds, args.out)]
+    state["records"] = in_study_order(state["records"], order)
     todo = [job for job in jobs if job.key not in state["records"]]
     with progress_bar() as bars:
         task = bars.add_task(f"{args.study}: {len(jobs) - len(todo)} of {len(jobs)} done", total=len(jobs),
@@ -257,9 +480,15 @@ def main(argv: list[str] | None = None) -> None:
             bars.update(task, description=f"{args.study}: {job.key}")
             held_out = args.tiny and any(o.startswith("data.validation=") for o in job.overrides)
             record = run_job(job, extra + (["data.validation=200"] if held_out else []), args.runs_dir)
-            state["records"][job.key] = record
-            state["total_seconds"] += record["wall_seconds"]
-            write_results(args.study, args.out, state)
+            with locked(state_path):  # another process may run other jobs of this study (--only)
+                if state_path.exists():
+                    on_disk = json.loads(state_path.read_text())
+                    state["records"] = {**on_disk["records"], **state["records"]}
+                    state["total_seconds"] = on_disk["total_seconds"]
+                state["records"][job.key] = record
+                state["records"] = in_study_order(state["records"], order)
+                state["total_seconds"] += record["wall_seconds"]
+                write_results(args.study, args.out, state)
             bars.advance(task)
     write_results(args.study, args.out, state)
     if args.study in FIGURES and state["records"]:
