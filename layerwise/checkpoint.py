@@ -154,15 +154,18 @@ def embedded_recipe(path: Path, data: Any) -> Recipe:
         raise CheckpointError(one_line(f"{path}: its embedded recipe is not valid: {shown}")) from None
 
 
-def save_network(path: str | Path, graph: Network, metadata: dict[str, str]) -> None:
+def save_network(path: str | Path, graph: Network | dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write the network's weights (and buffers) atomically to ``path``, with ``metadata``, the
-    versions, and the digest."""
-    tensors = {name: t.detach().contiguous().cpu() for name, t in graph.state_dict().items()}
+    versions, and the digest. ``graph`` may also be its state dict (a pipeline's, gathered from
+    its stages)."""
+    weights = graph if isinstance(graph, dict) else graph.state_dict()
+    tensors = {name: t.detach().contiguous().cpu() for name, t in weights.items()}
     metadata = {**metadata, "layerwise.version": __version__, "torch.version": torch.__version__}
     write_bytes_atomic(path, safetensors_with_digest(tensors, metadata))
 
 
-def save_checkpoint(path: str | Path, graph: Network, recipe: Recipe, epoch: int, metrics: dict) -> None:
+def save_checkpoint(path: str | Path, graph: Network | dict[str, torch.Tensor], recipe: Recipe, epoch: int,
+                    metrics: dict) -> None:
     """Write the graph's weights and the recipe atomically to ``path``."""
     save_network(path, graph, {"layerwise.recipe": json.dumps(recipe.to_dict()), "epoch": str(epoch),
                                "metrics": json.dumps(metrics)})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -74,6 +75,10 @@ def train(
     nproc: Annotated[int | None, typer.Option(
         "--nproc", help="Train data-parallel in N processes (runs torchrun --standalone --nproc_per_node N; "
                         "see docs/distributed.md).", show_default=False)] = None,
+    stages: Annotated[int | None, typer.Option(
+        "--stages", help="Spread the blocks over N processes, one stage of blocks each, pipelined; the weights "
+                         "are those of one process (default: the recipe's train.stages; see docs/distributed.md).",
+        show_default=False)] = None,
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Write TensorBoard event files (per-epoch scalars, every block's local metrics, the "
                               "recipe's hyper-parameters) to RUN/tb/: the override train.tensorboard=true, so a "
@@ -97,29 +102,40 @@ def train(
                              "started with --tensorboard (train.tensorboard: true in its recipe.yaml)")
     if tensorboard:
         overrides = [*(overrides or []), "train.tensorboard=true"]
-    if nproc is not None:
-        if nproc < 1:
-            raise LayerwiseError(f"--nproc: expected a number of processes >= 1, found {nproc}")
-        if launched_world_size() > 1:
-            raise LayerwiseError("--nproc inside torchrun would start processes within each process; "
-                                 "give one of them only")
+    for option, value in (("--nproc", nproc), ("--stages", stages)):
+        if value is not None and value < 1:
+            raise LayerwiseError(f"{option}: expected a number of processes >= 1, found {value}")
+        if value is not None and launched_world_size() > 1:
+            raise LayerwiseError(f"{option} inside torchrun would start processes within each process; "
+                                 "give it to the first command only")
+    if launched_world_size() == 1:
         if resume:  # the run resolved once here, so that every worker continues the same one
             run = run_folder_to_resume(resolve_run(recipe, runs_dir))
             target, parsed = [str(run), "--resume"], load_recipe(run / "recipe.yaml")
         elif recipe is None:
-            raise LayerwiseError("train --nproc: give a recipe file or shipped recipe name")
+            raise LayerwiseError("train: give a recipe file or shipped recipe name (see 'layerwise recipes ls'), "
+                                 "or --resume [RUN_DIR] to continue a run")
         else:
             target = [recipe, *(overrides or [])]
             parsed = load_recipe(resolve_recipe_path(recipe), overrides or [])
-        # Checked here, once, so a mistake is one line instead of one failure per worker.
-        check_batch_divides(parsed.data.batch_size, nproc)
-        if parsed.train.tensorboard:
-            from layerwise.tensorboard_log import require_tensorboard
+        stages = stages if stages is not None else parsed.train.stages
+        if (nproc or 1) * stages > 1:
+            # Checked here, once, so a mistake is one line instead of one failure per worker.
+            check_batch_divides(parsed.data.batch_size, nproc or 1)
+            if stages > 1:
+                from layerwise.pipeline import STAGES_ENV, check_pipeline_recipe, check_stages
 
-            require_tensorboard()
-        options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
-        code = launch(nproc, ["train", *target, *options, *(["--no-progress"] if no_progress else [])])
-        raise typer.Exit(code)
+                check_pipeline_recipe(parsed, stages)
+                check_stages(parsed, stages)
+                os.environ[STAGES_ENV] = str(stages)  # the workers inherit it: a resume may change the count
+            if parsed.train.tensorboard:
+                from layerwise.tensorboard_log import require_tensorboard
+
+                require_tensorboard()
+            options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
+            code = launch((nproc or 1) * stages,
+                          ["train", *target, *options, *(["--no-progress"] if no_progress else [])], stages)
+            raise typer.Exit(code)
     if resume:
         resume_run(resolve_run(recipe, runs_dir), data_root, show_progress=not no_progress)
         return
@@ -184,7 +200,13 @@ def eval_command(
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+def validate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    stages: Annotated[int | None, typer.Option(
+        "--stages", help="Also cut the network into N pipeline stages: print each stage's blocks and estimated "
+                         "share of the work, and which cuts a global gradient crosses.", show_default=False)] = None,
+) -> None:
     """Check a recipe (keys, types, names, graph and shapes) without training."""
     from layerwise.factory import build_on_meta, load_recipe
     from layerwise.shipped import resolve_recipe_path
@@ -196,6 +218,11 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     local = [b.name for b in graph.local_blocks()]
     stdout.print(f"[green]ok[/]: {path}: {len(graph.order)} blocks, {params:,} parameters, "
                  f"local blocks: {', '.join(local) or 'none'}")
+    if stages is not None:
+        from layerwise.pipeline import check_stages
+
+        for line in check_stages(parsed, stages):
+            stdout.print(escape(line), highlight=False)
 
 
 @recipes_app.command("ls")

@@ -313,7 +313,7 @@ class Group:
 
 
 @contextlib.contextmanager
-def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
+def joined(device: torch.device, batch_size: int, stages: int = 1) -> Iterator[Group | None]:
     """Join the process group ``torchrun`` set up for this process; yield None when not launched by it.
 
     gloo on the CPU, nccl on CUDA (each rank on the GPU numbered by its ``LOCAL_RANK``; use
@@ -335,7 +335,10 @@ def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
         from layerwise.progress import stderr, stdout
 
         stdout.quiet = stderr.quiet = True
-    check_batch_divides(batch_size, world)
+    if stages > 1 and world != stages:
+        raise LayerwiseError(f"{world} processes for {stages} pipeline stages: data parallelism inside a pipeline "
+                             f"(--nproc with --stages) is not built yet; start one process per stage")
+    check_batch_divides(batch_size, world // stages)  # a pipeline's stages each read the whole batch
     if device.type == "cuda":
         local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
         if local_world > gpus:  # checked by every rank, so that rank 0 says it
@@ -359,7 +362,7 @@ def joined(device: torch.device, batch_size: int) -> Iterator[Group | None]:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, args: list[str]) -> int:
+def launch(nproc: int, args: list[str], stages: int = 1) -> int:
     """Run ``ARGS`` (a ``layerwise`` command line) in ``nproc`` processes under torchrun; return the exit code.
 
     The command is ``python -m layerwise.distributed --standalone --nproc_per_node NPROC -m layerwise
@@ -395,7 +398,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     from layerwise.progress import stderr
 
-    message = failure_message(code, failure, nproc, run)
+    message = failure_message(code, failure, nproc, run, stages)
     stderr.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return code if code > 0 else 128 - code
 
@@ -413,15 +416,17 @@ def launched_run(args: list[str]) -> Path | None:
     return latest.resolve() if latest.exists() else None
 
 
-def failure_message(code: int, failure: dict | None, nproc: int, run: Path | None) -> str:
-    """One line: which process failed and how, and how to go on."""
+def failure_message(code: int, failure: dict | None, nproc: int, run: Path | None, stages: int = 1) -> str:
+    """One line: which process failed and how, and how to go on (``stages`` > 1: a pipeline's)."""
     if failure is not None:
-        what = f"rank {failure['rank']} of {nproc} {describe_exit(failure['exitcode'])}, so torchrun stopped the others"
+        who = f"stage {failure['rank']} of {stages}" if stages > 1 else f"rank {failure['rank']} of {nproc}"
+        what = f"{who} {describe_exit(failure['exitcode'])}, so torchrun stopped the others"
     else:  # torchrun itself ended without a report: killed, or it failed before starting the workers
         what = f"torchrun, which ran the {nproc} processes, {describe_exit(code)}; its workers stop with it"
     if run is None:
         return f"{what}. No run folder was made, so there is nothing to resume"
-    return f"{what}. Resume the run with: layerwise train --resume {run} --nproc {nproc}"
+    count = f"--stages {stages}" if stages > 1 else f"--nproc {nproc}"
+    return f"{what}. Resume the run with: layerwise train --resume {run} {count}"
 
 
 def describe_exit(code: int) -> str:

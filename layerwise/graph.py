@@ -15,7 +15,7 @@ modules by their block's output.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +118,7 @@ class GraphOutput:
 
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None for a pipeline stage without the head
 
 
 def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -230,28 +230,34 @@ class Network(nn.Module):
     def device(self) -> torch.device:
         """Where the weights are: the first initialised parameter's device (the CPU before a lazy
         network has seen its first batch)."""
-        return next((p.device for p in self.parameters() if not isinstance(p, nn.parameter.UninitializedTensorMixin)),
+        # Meta parameters are blocks a pipeline stage does not hold (layerwise.pipeline).
+        return next((p.device for p in self.parameters()
+                     if not isinstance(p, nn.parameter.UninitializedTensorMixin) and p.device.type != "meta"),
                     torch.device("cpu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of the head for a batch ``x``."""
         return self.run(x).logits
 
-    def run(self, x: torch.Tensor, on_output: OnOutput | None = None) -> GraphOutput:
+    def run(self, x: torch.Tensor, on_output: OnOutput | None = None, *, blocks: Sequence[str] | None = None,
+            given: dict[str, torch.Tensor] | None = None) -> GraphOutput:
         """Run every block in order.
 
         ``on_output(name, block_input, block_output)``, when given, sees each block's output as
         soon as it exists (the trainer trains local blocks there) and returns the tensor to pass
         on. Outputs are then dropped as soon as their last reader has run, so memory need not
         grow with depth; ``inputs`` and ``outputs`` of the result stay empty.
+
+        ``blocks`` runs only those blocks (in evaluation order: a pipeline stage's), reading the
+        outputs of earlier blocks from ``given``; ``logits`` is then None unless the head ran.
         """
         if not self.materialized:
             self.materialize(x.shape[1:], x.device, x.dtype)
-        values = {INPUT: x}
+        values = {INPUT: x, **(given or {})}
         readers_left = dict(self.reader_counts)
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
-        for name in self.order:
+        for name in self.order if blocks is None else blocks:
             block = self.blocks[name]
             value = merge([values[src] for src in self.deps[name]])
             if block.detach:
@@ -266,7 +272,7 @@ class Network(nn.Module):
                     if readers_left[src] == 0 and src != self.head:
                         del values[src]
             values[name] = out
-        return GraphOutput(inputs, outputs, values[self.head])
+        return GraphOutput(inputs, outputs, values.get(self.head))
 
     def global_gradient_blocks(self) -> set[str]:
         """Blocks whose output the global gradient must flow through: those on a path from a
@@ -295,12 +301,13 @@ class Network(nn.Module):
         """Blocks trained by their own objective, in evaluation order, frozen ones excluded."""
         return [self.blocks[n] for n in self.order if self.blocks[n].local and not self.blocks[n].freeze]
 
-    def global_parameters(self) -> list[nn.Parameter]:
-        """Parameters the global loss trains: those of unfrozen ``none`` blocks."""
+    def global_parameters(self, blocks: Collection[str] | None = None) -> list[nn.Parameter]:
+        """Parameters the global loss trains: those of unfrozen ``none`` blocks (of ``blocks`` only,
+        when given: a pipeline stage's)."""
         return [
             p
             for n in self.order
-            if not self.blocks[n].local and not self.blocks[n].freeze
+            if not self.blocks[n].local and not self.blocks[n].freeze and (blocks is None or n in blocks)
             for p in self.blocks[n].parameters()
         ]
 

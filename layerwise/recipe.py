@@ -258,6 +258,11 @@ class TrainConfig:
     # hyper-parameters) to the run's tb/ folder; `layerwise train --tensorboard` sets it. Needs the
     # optional extra: pip install 'layerwise[tensorboard]'.
     tensorboard: bool = False
+    # Spread the blocks over this many processes, each training its own stage of blocks on every
+    # batch, pipelined (layerwise/pipeline.py, docs/distributed.md): the weights are those one
+    # process trains. Stages are cut where no global gradient crosses; `layerwise validate R.yaml
+    # --stages N` shows the cut. `layerwise train --stages N` overrides it, on a resume too.
+    stages: int = check(positive, 1)
 
 
 @dataclass

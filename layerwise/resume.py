@@ -60,8 +60,8 @@ FORMAT = "layerwise-resume-1"
 
 def save_state(
     path: str | Path,
-    graph: Network,
-    optimizers: dict[str, torch.optim.Optimizer],
+    graph: Network | dict[str, torch.Tensor],
+    optimizers: dict[str, torch.optim.Optimizer | dict],
     recipe: Recipe,
     epoch: int,
     record: dict,
@@ -71,11 +71,14 @@ def save_state(
 
     ``rank_generators``: with several processes, every rank's torch generator state in rank
     order (:meth:`~layerwise.distributed.Group.generator_states`); None saves this process's.
+    A pipeline gathers its stages' parts instead of holding them: ``graph`` is then the whole
+    state dict and each optimizer its ``state_dict()``.
     """
-    tensors = {f"model/{name}": t.detach().contiguous().cpu() for name, t in graph.state_dict().items()}
+    weights = graph if isinstance(graph, dict) else graph.state_dict()
+    tensors = {f"model/{name}": t.detach().contiguous().cpu() for name, t in weights.items()}
     optim_meta = []
     for index, (name, optimizer) in enumerate(optimizers.items()):
-        saved = optimizer.state_dict()
+        saved = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
         state: dict[str, dict[str, Any]] = {}
         for param, entries in saved["state"].items():
             for key, value in entries.items():
@@ -240,8 +243,12 @@ def check_layout(path: Path, optimizers: Any, tensors: dict[str, torch.Tensor]) 
 
 
 def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torch.optim.Optimizer],
-                  rank: int = 0, schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] | None = None) -> bool:
+                  rank: int = 0, schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] | None = None,
+                  stage: bool = False) -> bool:
     """Load weights, optimizer states and random generators from ``state``, or say what does not fit.
+
+    ``stage``: ``optimizers`` are a pipeline stage's, a subset of the saved ones (in their order);
+    the whole graph still gets every weight, and the stage then drops the blocks it does not train.
 
     ``schedulers`` (the trainer's, by optimizer name) are put at the state's epoch, so the next
     epoch trains at the lrs an uninterrupted run would. ``rank`` picks the process's own torch
@@ -251,15 +258,16 @@ def restore_state(state: ResumeState, graph: Network, optimizers: dict[str, torc
     schedulers = schedulers or {}
     # Everything is checked before anything is loaded: a state that does not fit fails whole.
     saved_names = [entry["name"] for entry in state.optimizers]
-    if saved_names != list(optimizers):
+    if saved_names != list(optimizers) and not (stage and set(optimizers) <= set(saved_names)):
         raise CheckpointError(one_line(f"{state.path}: holds optimizers {saved_names[:6]}, the recipe builds "
                                        f"{list(optimizers)[:6]}"))
-    for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
+    entries = [entry for entry in state.optimizers if entry["name"] in optimizers]
+    for entry, optimizer in zip(entries, optimizers.values(), strict=True):
         check_optimizer(state, entry, optimizer)
         if entry["name"] in schedulers:
             check_schedule(state, entry, schedulers[entry["name"]])
     load_weights(graph, state.weights(), state.path)
-    for entry, optimizer in zip(state.optimizers, optimizers.values(), strict=True):
+    for entry, optimizer in zip(entries, optimizers.values(), strict=True):
         try:
             optimizer.load_state_dict(optimizer_state_dict(entry, state.tensors, optimizer))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # checked above; torch may still object

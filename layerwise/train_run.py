@@ -21,11 +21,12 @@ import torch
 from layerwise.atomic import remove_stale_temporaries
 from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
 from layerwise.data import BatchStream, load_split
-from layerwise.distributed import STOP_CHECK_EVERY, Group, joined
+from layerwise.distributed import STOP_CHECK_EVERY, Group, collective_timeout, joined
 from layerwise.errors import CheckpointError, LayerwiseError, NonFiniteError, TrainingInterrupted
 from layerwise.factory import dataset_spec, load_recipe, network_from_recipe
 from layerwise.graph import Network
 from layerwise.interrupt import StopOnInterrupt
+from layerwise.pipeline import Link, Pipeline, StageClock, check_pipeline_recipe, make_pipeline, requested_stages
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
 from layerwise.recipe import Recipe
 from layerwise.resume import STATE_FILE, ResumeState, first_difference, load_state, restore_state, save_state
@@ -59,6 +60,14 @@ class Session:
     val_stream: BatchStream | None
     group: Group | None = None  # several processes (torchrun): this one's rank; None: one process
     callbacks: list[EpochCallback] = field(default_factory=list)  # called after each saved epoch, rank 0
+    pipeline: Pipeline | None = None  # this process's stage, when the blocks are spread over processes
+    link: Link | None = None  # the stage's traffic with its neighbours
+    clock: StageClock | None = None  # the stage's time spent waiting for them
+
+    def release_other_blocks(self) -> None:
+        """In a pipeline stage, drop the weights of the blocks other stages train (after any resume)."""
+        if self.pipeline is not None:
+            self.pipeline.release_other_blocks(self.graph)
 
     @property
     def is_main(self) -> bool:
@@ -84,9 +93,11 @@ def train_recipe(
     :mod:`layerwise.distributed`); only rank 0 creates and writes the run folder and returns
     its path, the other ranks return None.
     """
+    stages = requested_stages(recipe.train.stages)
     with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
-          joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group):
-        session = prepare(recipe, data_root, group)  # the data first: nothing is created before it is found
+          joined(resolve_device(recipe.train.device), recipe.data.batch_size, stages) as group):
+        session = prepare(recipe, data_root, group, stages)  # the data first: nothing is created before it is found
+        session.release_other_blocks()
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
         session.callbacks = [*loggers, *callbacks]  # the saved epoch is logged before a callback may stop
@@ -119,8 +130,9 @@ def resume_run(
     """
     run = run_folder_to_resume(run_dir)
     recipe = load_recipe(run / "recipe.yaml")
+    stages = requested_stages(recipe.train.stages)
     with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
-          joined(resolve_device(recipe.train.device), recipe.data.batch_size) as group,
+          joined(resolve_device(recipe.train.device), recipe.data.batch_size, stages) as group,
           contextlib.ExitStack() as held):
         rank = 0 if group is None else group.rank
         if rank == 0:
@@ -129,10 +141,11 @@ def resume_run(
         state = load_run_state(run, recipe)
         if rank == 0:
             check_writable(run)
-        session = prepare(recipe, data_root, group)
+        session = prepare(recipe, data_root, group, stages)
         if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank,
-                                                   session.trainer.schedulers()):
+                                                   session.trainer.schedulers(), stage=stages > 1):
             torch.manual_seed(recipe.seed + rank + 1_000_003 * state.epoch)  # a stream no other rank uses
+        session.release_other_blocks()
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [state.record] if state is not None else [], False, True)
         # Every check has passed, and nothing has changed in the folder: only now is it locked (a
@@ -201,14 +214,18 @@ def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:
     return state
 
 
-def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = None) -> Session:
+def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = None, stages: int = 1) -> Session:
     """Load the data and build the seeded model, trainer and batch streams.
 
     With a ``group``, every rank builds the same model (rank 0's weights are broadcast to be
     sure) and the same shuffled stream, of which it takes its own contiguous share of each batch.
     The last incomplete batch is dropped so that every share has the same size.
+
+    With ``stages`` > 1 the ranks are a pipeline's stages (:mod:`layerwise.pipeline`): each builds
+    the whole seeded model and the whole batch stream, and its trainer trains its own blocks only.
     """
     device = resolve_device(recipe.train.device) if group is None else group.device
+    check_pipeline_recipe(recipe, stages)
     spec = dataset_spec(recipe)
     train_images, train_labels = load_split(spec, "train", data_root)
     test_images, test_labels = load_split(spec, "test", data_root)
@@ -229,9 +246,16 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
 
     torch.manual_seed(recipe.seed)
     graph = network_from_recipe(recipe, spec.shape, spec.num_classes).to(device)
-    if group is not None:
-        group.broadcast_module(graph)
-    trainer = Trainer.from_recipe(graph, recipe, group=group)
+    pipe = None
+    if stages > 1:
+        pipe = make_pipeline(graph, recipe, stages, device, collective_timeout(), group.rank)
+        trainer = Trainer.from_recipe(graph, recipe, blocks=pipe.blocks)
+        group_for_data = None  # every stage reads every sample of the batch
+    else:
+        if group is not None:
+            group.broadcast_module(graph)
+        trainer = Trainer.from_recipe(graph, recipe, group=group)
+        group_for_data = group
     if group is not None and group.rank:
         # Dropout draws from this generator: without a stream of its own, every rank's share
         # would get the same masks. (Rank 0 keeps the seed's stream.)
@@ -239,7 +263,7 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
     train_stream = BatchStream(
         spec, train_images, train_labels, batch_size=recipe.data.batch_size, shuffle=True,
         seed=recipe.seed, noise=recipe.data.train_noise, noise_seed=recipe.seed, device=device,
-        drop_last=group is not None, shard=(0, 1) if group is None else group.shard(),
+        drop_last=group_for_data is not None, shard=(0, 1) if group_for_data is None else group_for_data.shard(),
         noise_space=recipe.data.noise_space, crop_padding=recipe.data.augment.crop_padding,
         flip=recipe.data.augment.flip,
     )
@@ -254,7 +278,11 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
     test_stream = evaluation_stream(test_images, test_labels, noise_seed=0)
     val_stream = evaluation_stream(val_images, val_labels, noise_seed=1) if held_out else None
 
-    return Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream, group)
+    session = Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream, group, pipeline=pipe)
+    if pipe is not None:
+        session.link = Link(pipe, graph)
+        session.clock = StageClock(session.link)
+    return session
 
 
 def run_epochs(
@@ -288,31 +316,48 @@ def run_epochs(
                 so with several processes it is held every few batches only."""
                 return (session.group is None or next(asked) % STOP_CHECK_EVERY == 0) and stop_requested()
 
+            pipe = session.pipeline
             for epoch in range(saved + 1, recipe.train.epochs + 1):
                 session.train_stream.set_epoch(epoch)
                 batches = bars.add_task(f"epoch {epoch} train", total=len(session.train_stream))
                 started = time.perf_counter()
-                summary = trainer.train_epoch(session.train_stream, on_batch=lambda task=batches: bars.advance(task),
-                                              epoch=epoch, should_stop=should_stop)
+                on_batch = lambda task=batches: bars.advance(task)  # noqa: E731
+                if pipe is None:
+                    summary = trainer.train_epoch(session.train_stream, on_batch=on_batch, epoch=epoch,
+                                                  should_stop=should_stop)
+                else:  # stages vote on Ctrl-C at the epoch's end only: a vote per batch would stall the pipeline
+                    waited = session.clock.waiting
+                    summary = pipe.train_epoch(trainer, session.train_stream, session.link, on_batch=on_batch,
+                                               epoch=epoch)
                 train_seconds = time.perf_counter() - started
                 bars.remove_task(batches)
-                # A collective, so every rank takes part; rank 0 saves them all.
-                generators = session.group.generator_states() if session.group is not None else None
-                if not session.is_main:
-                    if epoch < recipe.train.epochs and stop_requested():
-                        raise TrainingInterrupted(f"stopped after epoch {epoch}")
-                    continue
-                testing = bars.add_task(f"epoch {epoch} test", total=len(session.test_stream))
-                test = evaluate(graph, session.test_stream, on_batch=lambda task=testing: bars.advance(task))
-                bars.remove_task(testing)
+                if pipe is not None:
+                    epoch_end = pipeline_epoch_end(session, summary, train_seconds, session.clock.waiting - waited)
+                    if not session.is_main:
+                        if epoch < recipe.train.epochs and stop_requested():
+                            raise TrainingInterrupted(f"stopped after epoch {epoch}")
+                        continue
+                    summary, test, val_acc, (weights, optimizers, generators) = epoch_end
+                else:
+                    # A collective, so every rank takes part; rank 0 saves them all.
+                    generators = session.group.generator_states() if session.group is not None else None
+                    if not session.is_main:
+                        if epoch < recipe.train.epochs and stop_requested():
+                            raise TrainingInterrupted(f"stopped after epoch {epoch}")
+                        continue
+                    testing = bars.add_task(f"epoch {epoch} test", total=len(session.test_stream))
+                    test = evaluate(graph, session.test_stream, on_batch=lambda task=testing: bars.advance(task))
+                    bars.remove_task(testing)
+                    val_acc = evaluate(graph, session.val_stream)["acc"] if session.val_stream is not None else None
+                    weights, optimizers = graph, trainer.optimizers()
                 record = {"epoch": epoch, **summary, "test_acc": test["acc"], "test_loss": test["loss"],
                           "train_seconds": round(train_seconds, 3)}
-                if session.val_stream is not None:
-                    record["val_acc"] = evaluate(graph, session.val_stream)["acc"]
+                if val_acc is not None:
+                    record["val_acc"] = val_acc
                 # The resume state is the commit point, so it goes first (see layerwise.resume).
-                save_state(run / STATE_FILE, graph, trainer.optimizers(), recipe, epoch, record, generators)
+                save_state(run / STATE_FILE, weights, optimizers, recipe, epoch, record, generators)
                 saved = epoch
-                save_checkpoint(run / WEIGHTS_FILE, graph, recipe, epoch, record)
+                save_checkpoint(run / WEIGHTS_FILE, weights, recipe, epoch, record)
                 log.append(record)
                 history.append(record)
                 for callback in session.callbacks:
@@ -337,9 +382,21 @@ def run_epochs(
     return run
 
 
+def pipeline_epoch_end(session: Session, summary: dict, seconds: float, waited: float):
+    """A pipeline's epoch end, in every stage: gather the summary, evaluate through the stages,
+    gather the state. Rank 0 gets ``(summary, test, val_acc, (weights, optimizers, generators))``."""
+    pipe, graph = session.pipeline, session.graph
+    merged = pipe.gather_summary(summary, seconds, seconds - waited)
+    test = pipe.evaluate(graph, session.test_stream, session.link)
+    val = pipe.evaluate(graph, session.val_stream, session.link) if session.val_stream is not None else None
+    state = pipe.gather_state(graph, session.trainer)
+    return merged, test, (val["acc"] if val is not None else None), state
+
+
 def resume_command(run: Path, group: Group | None) -> str:
     """The command that continues ``run``, in as many processes as it had."""
-    processes = f" --nproc {group.world}" if group is not None else ""
+    stages = requested_stages(1)
+    processes = f" --stages {stages}" if stages > 1 else f" --nproc {group.world}" if group is not None else ""
     return f"layerwise train --resume {shlex.quote(str(run))}{processes}"  # a path may hold spaces or ;$()
 
 

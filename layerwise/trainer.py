@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -137,8 +137,9 @@ class EpochTotals:
             return
         self.samples += y.shape[0]
         self.batches += 1
-        self.correct = self.correct + (step.logits.argmax(dim=1) == y).sum()
-        self.global_loss = self.global_loss + step.global_loss
+        if step.logits is not None:  # a pipeline stage without the head has no logits
+            self.correct = self.correct + (step.logits.argmax(dim=1) == y).sum()
+            self.global_loss = self.global_loss + step.global_loss
         for block, metrics in step.block_metrics.items():
             sums = self.blocks.setdefault(block, {})
             for key, value in metrics.items():
@@ -202,7 +203,7 @@ class Trainer:
                  global_optim: OptimizerConfig | dict | None = None, *, on_nonfinite: str = "stop",
                  free_early: bool = True, precision: str = "fp32", nonfinite_check_every: int | None = None,
                  group: Group | None = None, schedule: ScheduleConfig | dict | None = None,
-                 epochs: int | None = None):
+                 epochs: int | None = None, blocks: Sequence[str] | None = None):
         if not isinstance(graph, Network):
             raise LayerwiseError(f"Trainer: expected a layerwise.Network, found {type(graph).__name__}")
         options = build(TrainConfig, {"on_nonfinite": on_nonfinite, "free_early": free_early,
@@ -211,6 +212,8 @@ class Trainer:
             raise RecipeError("Trainer", problems.items)
         self.graph = graph
         self.group = group  # None: one process
+        # A pipeline stage's blocks (layerwise.pipeline): it trains, and makes optimizers for, these only.
+        self.stage = list(blocks) if blocks is not None else None
         self.local_optim = optimizer_config(local_optim, "local_optim")
         self.global_optim = optimizer_config(global_optim, "global_optim")
         self.free_early = options.free_early
@@ -227,12 +230,16 @@ class Trainer:
 
     @classmethod
     def from_recipe(cls, graph: Network, recipe: Recipe, *, group: Group | None = None,
-                    nonfinite_check_every: int | None = None) -> Trainer:
+                    nonfinite_check_every: int | None = None, blocks: Sequence[str] | None = None) -> Trainer:
         """The trainer a recipe's ``optim`` and ``train`` sections describe."""
         return cls(graph, recipe.optim.local, recipe.optim.global_, on_nonfinite=recipe.train.on_nonfinite,
                    free_early=recipe.train.free_early, precision=recipe.train.precision,
                    nonfinite_check_every=nonfinite_check_every, group=group, schedule=recipe.optim.schedule,
-                   epochs=recipe.train.epochs)
+                   epochs=recipe.train.epochs, blocks=blocks)
+
+    def holds(self, name: str) -> bool:
+        """True when this trainer trains block ``name`` (always, outside a pipeline)."""
+        return self.stage is None or name in self.stage
 
     def set_up(self) -> None:
         """Sort the parameters by the loss that trains them and make the optimizers (once)."""
@@ -240,21 +247,20 @@ class Trainer:
         if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
             use_global_batch_norm(graph)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
-        self.objective_params = [p for block in graph.local_blocks() for p in block.objective.parameters()]
+        local_blocks = [block for block in graph.local_blocks() if self.holds(block.name)]
+        self.objective_params = [p for block in local_blocks for p in block.objective.parameters()]
         self.num_classes = graph.num_classes
-        self.local_params = {
-            block.name: [p for p in block.parameters() if p.requires_grad] for block in graph.local_blocks()
-        }
+        self.local_params = {block.name: [p for p in block.parameters() if p.requires_grad] for block in local_blocks}
         self.local_optimizers = {
             name: make_optimizer(self.local_optim, params) for name, params in self.local_params.items() if params
         }
-        self.global_params = graph.global_parameters()
+        self.global_params = graph.global_parameters(self.stage)
         self.global_optimizer = make_optimizer(self.global_optim, self.global_params) if self.global_params else None
         self.global_through = graph.global_gradient_blocks()
         if not self.schedule.is_constant:  # made after the optimizers, before any state is loaded into them
             self.lr_schedulers = {name: make_scheduler(opt, self.schedule, self.epochs)
                                   for name, opt in self.optimizers().items()}
-        device = next(graph.parameters(), torch.zeros(())).device
+        device = graph.device
         self.watch = NonFiniteWatch(self.on_nonfinite, device, self.explain, self.nonfinite_check_every)
         self.ready = True
 
@@ -293,12 +299,17 @@ class Trainer:
             rates["global"] = self.global_optimizer.param_groups[0]["lr"]
         return rates
 
-    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, given: dict[str, torch.Tensor] | None = None,
+                          publish: Callable[[str, torch.Tensor], None] | None = None) -> StepResult:
         """One forward pass; each local block's loss goes backward into its own parameters as
         soon as the block's output exists, then the global loss into the ``none`` blocks.
 
         Distributed, ``x`` and ``y`` are this rank's share: local losses get the global batch
         (their kernels couple every pair of samples), and gradients are summed over ranks at the end.
+
+        In a pipeline stage, ``given`` holds the outputs of earlier stages' blocks that this
+        stage reads, and ``publish(name, output)`` is called with each block output as soon as
+        it exists, before its local loss, so a later stage can start on it (layerwise.pipeline).
         """
         group = self.group
         x_all, y_all = (x, y) if group is None else (group.gather(x), group.gather(y))
@@ -306,6 +317,8 @@ class Trainer:
         result = StepResult(block_metrics={})
 
         def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            if publish is not None:
+                publish(name, z)
             # (torch.linalg.vector_norm(z, inf) reads the same but is 15 times slower on the CPU)
             result.watch((name, "output"), z.detach().abs().amax())
             block = self.graph.blocks[name]
@@ -335,7 +348,11 @@ class Trainer:
             return z if keep else z.detach()
 
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.graph.run(x, on_output=train_block).logits
+            logits = self.graph.run(x, on_output=train_block, blocks=self.stage, given=given).logits
+        if logits is None:  # a pipeline stage before the head: no global loss here
+            if group is not None:
+                self.sum_over_ranks(result)
+            return result
         # The loss in at least float32: bf16 logits would round the cross-entropy coarsely.
         logits_float = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if group is None:
@@ -363,8 +380,8 @@ class Trainer:
         params = [p for params in self.local_params.values() for p in params] + self.global_params
         grads = [p.grad for p in params if p.grad is not None]
         watched = torch.stack([v.to(torch.float32) for v in result.watched_values])
-        global_loss = result.global_loss.clone()  # in its own dtype, for the log
-        self.group.sum_([*grads, watched, global_loss])
+        global_loss = result.global_loss.clone() if result.global_loss is not None else None  # own dtype, for the log
+        self.group.sum_([*grads, watched] + ([global_loss] if global_loss is not None else []))
         for p in self.objective_params:
             if p.grad is not None:
                 p.grad.div_(self.group.world)
@@ -376,11 +393,13 @@ class Trainer:
         ``train.on_nonfinite: skip``, leaves every optimizer unstepped (see :mod:`layerwise.nonfinite`)."""
         return self.step_on_device(*self.prepare_batch((x, y)))
 
-    def step_on_device(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """:meth:`step` on a batch that :meth:`prepare_batch` has already checked and moved."""
+    def step_on_device(self, x: torch.Tensor, y: torch.Tensor, given: dict[str, torch.Tensor] | None = None,
+                       publish: Callable[[str, torch.Tensor], None] | None = None) -> StepResult:
+        """:meth:`step` on a batch that :meth:`prepare_batch` has already checked and moved
+        (``given`` and ``publish``: a pipeline stage's, see :meth:`compute_gradients`)."""
         for opt in self.optimizers().values():
             opt.zero_grad(set_to_none=True)
-        result = self.compute_gradients(x, y)
+        result = self.compute_gradients(x, y, given, publish)
         keys, values = result.watched()
         if not self.watch.allows_step(keys, values, now=result.objective_failed):
             result.skipped = True
@@ -437,6 +456,7 @@ class Trainer:
         on_batch: Callable[[], None] | None = None,
         epoch: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        step: Callable[[torch.Tensor, torch.Tensor], StepResult] | None = None,
     ) -> dict:
         """Train on every batch of ``batches`` (any iterable of ``(x, y)``, such as a DataLoader, or
         of ``(x, y, idx)``); return the epoch's summary: training accuracy, mean global loss, and
@@ -447,7 +467,11 @@ class Trainer:
 
         With a schedule (not constant), the summary holds the epoch's learning rates as ``lr``
         (:meth:`learning_rates`), and the schedulers then step to the next epoch's.
+
+        ``step(x, y)`` trains one prepared batch (default :meth:`step_on_device`); a pipeline
+        stage passes one that also receives and sends activations.
         """
+        step = step or self.step_on_device
         self.graph.train()
         if not self.ready:  # the watch exists once the network is built, on the first batch
             batches = iter(batches)
@@ -464,7 +488,7 @@ class Trainer:
                 raise TrainingInterrupted(f"stopped after batch {done} of epoch {epoch}")
             x, y = self.prepare_batch(batch)
             try:
-                totals.add(self.step_on_device(x, y), y)
+                totals.add(step(x, y), y)
             except (RuntimeError, torch.OutOfMemoryError) as exc:
                 if not is_out_of_memory(exc):
                     raise
