@@ -62,6 +62,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -168,13 +169,13 @@ class GatherWithGrad(torch.autograd.Function):
     communication (valid because every rank computes the same loss; see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, rank: int, world: int, process_group=None) -> torch.Tensor:
         ctx.rank, ctx.rows = rank, tensor.shape[0]
-        return gather(tensor, world)
+        return gather(tensor, world, process_group)
 
     @staticmethod
     def backward(ctx, grad_all: torch.Tensor):
-        return grad_all.narrow(0, ctx.rank * ctx.rows, ctx.rows), None, None
+        return grad_all.narrow(0, ctx.rank * ctx.rows, ctx.rows), None, None, None
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -184,16 +185,17 @@ class AllReduceSum(torch.autograd.Function):
     this rank's share is the sum of what every rank's loss sends back through the sum."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, process_group=None) -> torch.Tensor:
+        ctx.process_group = process_group
         total = tensor.clone()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=process_group)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         total = grad.clone()
-        dist.all_reduce(total)
-        return total
+        dist.all_reduce(total, group=ctx.process_group)
+        return total, None
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -209,15 +211,19 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected an input of 2 or more dimensions, got {input.dim()}")
 
+    # The processes that share the batch: the default group, or a pipeline stage's replicas.
+    process_group = None
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        if not (self.training and world > 1):
             return super().forward(input)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = input.numel() // input.shape[1] * dist.get_world_size()  # every rank has an equal share
-        mean = AllReduceSum.apply(input.sum(dims)) / count
+        count = input.numel() // input.shape[1] * world  # every rank has an equal share
+        mean = AllReduceSum.apply(input.sum(dims), self.process_group) / count
         centered = input - mean.view(shape)
-        var = AllReduceSum.apply(centered.square().sum(dims)) / count
+        var = AllReduceSum.apply(centered.square().sum(dims), self.process_group) / count
         output = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)
@@ -234,27 +240,28 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.lerp_(unbiased_var, factor)
 
 
-def use_global_batch_norm(module: nn.Module) -> nn.Module:
+def use_global_batch_norm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every ``BatchNorm1d/2d`` inside ``module`` by a :class:`GlobalBatchNorm` with the
-    same parameters, buffers and settings; return ``module``."""
+    same parameters, buffers and settings, over ``process_group`` (default: all processes); return ``module``."""
     for name, child in module.named_children():
         if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
                                           child.track_running_stats)
+            replacement.process_group = process_group
             replacement.load_state_dict(child.state_dict())
             replacement.train(child.training)
             like = next(iter([*child.parameters(), *child.buffers()]), None)
             setattr(module, name, replacement if like is None else replacement.to(like.device, like.dtype))
         else:
-            use_global_batch_norm(child)
+            use_global_batch_norm(child, process_group)
     return module
 
 
-def gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
+def gather(tensor: torch.Tensor, world: int, process_group=None) -> torch.Tensor:
     """Every rank's ``tensor`` (equal shapes), concatenated along dim 0 in rank order; no gradient."""
     tensor = tensor.detach().contiguous()
     parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor)
+    dist.all_gather(parts, tensor, group=process_group)
     return torch.cat(parts)
 
 
@@ -265,6 +272,9 @@ class Group:
     rank: int
     world: int
     device: torch.device  # where collective buffers live (a CUDA device for nccl)
+    # The processes this group spans: None for all of them; a pipeline stage's replicas otherwise
+    # (``rank`` and ``world`` are then the replica's number and the replica count).
+    process_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -277,11 +287,11 @@ class Group:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """The global batch of ``tensor``, without gradient (inputs, labels)."""
-        return gather(tensor, self.world)
+        return gather(tensor, self.world, self.process_group)
 
     def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         """The global batch of ``tensor``; gradients flow back to this rank's rows only."""
-        return GatherWithGrad.apply(tensor, self.rank, self.world)
+        return GatherWithGrad.apply(tensor, self.rank, self.world, self.process_group)
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor by its sum over ranks: one flat all-reduce per dtype, not one per tensor."""
@@ -290,26 +300,26 @@ class Group:
             by_dtype.setdefault(tensor.dtype, []).append(tensor)
         for same_dtype in by_dtype.values():
             flat = torch.cat([t.reshape(-1) for t in same_dtype]).to(self.device)
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=self.process_group)
             for tensor, part in zip(same_dtype, flat.split([t.numel() for t in same_dtype]), strict=True):
                 tensor.copy_(part.view_as(tensor))
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (so all ranks stop together)."""
         value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value)
+        dist.all_reduce(value, group=self.process_group)
         return bool(value.item() > 0)
 
     def generator_states(self) -> list[torch.Tensor]:
         """Every rank's torch generator state, in rank order, on every rank (for the resume state)."""
-        states = gather(torch.get_rng_state().to(self.device), self.world).cpu()
+        states = gather(torch.get_rng_state().to(self.device), self.world, self.process_group).cpu()
         return list(states.view(self.world, -1).unbind())
 
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers (seeding already should; this makes sure)."""
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            dist.broadcast(tensor.data, group_src=0, group=self.process_group)
 
 
 @contextlib.contextmanager
@@ -335,9 +345,9 @@ def joined(device: torch.device, batch_size: int, stages: int = 1) -> Iterator[G
         from layerwise.progress import stderr, stdout
 
         stdout.quiet = stderr.quiet = True
-    if stages > 1 and world != stages:
-        raise LayerwiseError(f"{world} processes for {stages} pipeline stages: data parallelism inside a pipeline "
-                             f"(--nproc with --stages) is not built yet; start one process per stage")
+    if world % stages:
+        raise LayerwiseError(f"{world} processes cannot form replicas of {stages} pipeline stages; start a multiple "
+                             f"of {stages}")
     check_batch_divides(batch_size, world // stages)  # a pipeline's stages each read the whole batch
     if device.type == "cuda":
         local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
@@ -416,16 +426,27 @@ def launched_run(args: list[str]) -> Path | None:
     return latest.resolve() if latest.exists() else None
 
 
+def process_name(rank: int, world: int, stages: int) -> str:
+    """'rank 1 of 2', or for a pipeline 'stage 1 of 2' ('stage 1 of 2 in replica 0 of 2' with data parallelism)."""
+    if stages == 1:
+        return f"rank {rank} of {world}"
+    replicas = world // stages
+    replica = f" in replica {rank // stages} of {replicas}" if replicas > 1 else ""
+    return f"stage {rank % stages} of {stages}{replica}"
+
+
 def failure_message(code: int, failure: dict | None, nproc: int, run: Path | None, stages: int = 1) -> str:
-    """One line: which process failed and how, and how to go on (``stages`` > 1: a pipeline's)."""
+    """One line: which process failed and how, and how to go on (``stages`` > 1: a pipeline's;
+    ``nproc`` counts every process)."""
     if failure is not None:
-        who = f"stage {failure['rank']} of {stages}" if stages > 1 else f"rank {failure['rank']} of {nproc}"
+        who = process_name(failure["rank"], nproc, stages)
         what = f"{who} {describe_exit(failure['exitcode'])}, so torchrun stopped the others"
     else:  # torchrun itself ended without a report: killed, or it failed before starting the workers
         what = f"torchrun, which ran the {nproc} processes, {describe_exit(code)}; its workers stop with it"
     if run is None:
         return f"{what}. No run folder was made, so there is nothing to resume"
-    count = f"--stages {stages}" if stages > 1 else f"--nproc {nproc}"
+    count = " ".join([*([f"--nproc {nproc // stages}"] if nproc > stages else []),
+                      *([f"--stages {stages}"] if stages > 1 else [])])
     return f"{what}. Resume the run with: layerwise train --resume {run} {count}"
 
 

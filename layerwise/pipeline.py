@@ -30,7 +30,11 @@ What is refused: ``train.on_nonfinite: skip`` (every stage would have to know, b
 that no later stage saw a NaN on that batch, which would serialise the pipeline) and
 ``train.precision: bf16`` (activations cross stages in the weights' dtype). With ``stop``, the
 stage that meets a NaN stops the run with its usual message, and the last saved epoch is kept.
-Data parallelism inside a pipeline (``--nproc`` with ``--stages``) is not built yet.
+With data parallelism as well (``--nproc R --stages S``, R x S processes), rank ``r * S + s`` is
+stage ``s`` of replica ``r``: each replica is a pipeline over its share of every batch, and the
+R copies of a stage form a data-parallel group of their own (:class:`~layerwise.distributed.Group`
+over a ``torch.distributed`` sub-group), which gathers the global batch for the local losses and
+sums the stage's gradients, exactly as data parallelism does for a whole network.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from layerwise.distributed import Group
 from layerwise.errors import LayerwiseError
 from layerwise.graph import Network
 from layerwise.stages import StagePlan, block_costs, boundary_tensors, describe_plan, plan_stages
@@ -91,19 +96,21 @@ class Link:
         self.pipe = pipe
         dtype = next((p.dtype for p in graph.parameters() if p.device.type != "meta"), torch.float32)
         self.shapes = {name: graph.shapes[name] for name in pipe.receives + pipe.sends}
+        self.order = list(graph.order)
         self.dtype = dtype
         self.sending: list[dist.Work] = []
         self.received = Received()
 
     def tag(self, name: str) -> int:
-        return sorted(self.shapes).index(name)
+        """The same number in the sending and the receiving stage: the block's place in the network."""
+        return self.order.index(name)
 
     def post_receive(self, rows: int) -> list[tuple[str, torch.Tensor, dist.Work]]:
         """Start receiving one batch of ``rows`` samples from the previous stage."""
         pending = []
         for name in self.pipe.receives:
             buffer = torch.empty((rows, *self.shapes[name]), dtype=self.dtype, device=self.pipe.device)
-            pending.append((name, buffer, dist.irecv(buffer, src=self.pipe.stage - 1, tag=self.tag(name))))
+            pending.append((name, buffer, dist.irecv(buffer, src=self.pipe.rank - 1, tag=self.tag(name))))
         return pending
 
     def wait_receive(self, pending: list[tuple[str, torch.Tensor, dist.Work]]) -> dict[str, torch.Tensor]:
@@ -115,7 +122,7 @@ class Link:
     def publish(self, name: str, tensor: torch.Tensor) -> None:
         """Send ``tensor`` (block ``name``'s output) on when a later stage reads it."""
         if name in self.pipe.sends:
-            self.sending.append(dist.isend(tensor.detach().contiguous(), dst=self.pipe.stage + 1, tag=self.tag(name)))
+            self.sending.append(dist.isend(tensor.detach().contiguous(), dst=self.pipe.rank + 1, tag=self.tag(name)))
 
     def forward_received(self, tensors: dict[str, torch.Tensor]) -> None:
         """Pass on what this stage received but does not produce, for a stage further on (a skip connection)."""
@@ -153,9 +160,12 @@ class Link:
 
 
 def batch_rows(stream) -> list[int]:
-    """The number of samples in each batch ``stream`` yields, known before any is drawn."""
+    """The number of samples in each batch ``stream`` yields (its shard of each, with data
+    parallelism: ``tensor_split``'s sizes), known before any is drawn."""
     total, size = stream.num_samples, stream.batch_size
-    return [min(size, total - start) for start in range(0, size * len(stream), size)]
+    rank, world = stream.shard
+    whole = [min(size, total - start) for start in range(0, size * len(stream), size)]
+    return [rows // world + (1 if rank < rows % world else 0) for rows in whole]
 
 
 @dataclass
@@ -169,6 +179,14 @@ class Pipeline:
     sends: list[str]
     device: torch.device
     timeout: datetime.timedelta
+    replica: int = 0  # with data parallelism: which copy of the pipeline this process belongs to
+    replicas: int = 1
+    data_group: Group | None = None  # this stage's replicas, when there are several
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: stage ``s`` of replica ``r`` is rank ``r * stages + s``."""
+        return self.replica * self.stages + self.stage
 
     @property
     def blocks(self) -> list[str]:
@@ -176,8 +194,8 @@ class Pipeline:
 
     @property
     def is_main(self) -> bool:
-        """Stage 0 prints and writes the run folder."""
-        return self.stage == 0
+        """Stage 0 of replica 0 prints and writes the run folder."""
+        return self.rank == 0
 
     @property
     def has_head(self) -> bool:
@@ -209,7 +227,8 @@ class Pipeline:
             link.publish(name, output)
             return output
 
-        for x, y in link.batches(stream):
+        # Every replica holds the same weights: replica 0 alone evaluates, the others wait below.
+        for x, y in link.batches(stream) if self.replica == 0 else ():
             x, y = batch_tensors((x, y), self.device)
             logits = graph.run(x, on_output=send_on, blocks=self.blocks, given=link.received.tensors).logits
             if logits is not None:
@@ -217,22 +236,27 @@ class Pipeline:
                 loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
                 samples += y.shape[0]
         graph.train()
-        result = {"acc": correct / samples, "loss": loss_sum / samples} if self.has_head else None
+        result = {"acc": correct / samples, "loss": loss_sum / samples} if self.has_head and samples else None
         return self.to_main(result)
 
-    def to_main(self, value):
-        """``value`` from the last stage, on rank 0 (None elsewhere)."""
-        values = [None] * self.stages if self.is_main else None
+    def gather(self, value) -> list | None:
+        """Every process's ``value`` on rank 0, replica 0's stages first (None elsewhere)."""
+        values = [None] * (self.stages * self.replicas) if self.is_main else None
         dist.gather_object(value, values, dst=0)
-        return values[-1] if self.is_main else None
+        return values
+
+    def to_main(self, value):
+        """``value`` from replica 0's last stage, on rank 0 (None elsewhere)."""
+        values = self.gather(value)
+        return values[self.stages - 1] if self.is_main else None
 
     def gather_summary(self, summary: dict, seconds: float, busy: float) -> dict | None:
         """The epoch's training summary of the whole network, on rank 0: each stage's block
         metrics, the head stage's accuracy and loss, and every stage's wall and busy seconds."""
-        parts = [None] * self.stages if self.is_main else None
-        dist.gather_object({"summary": summary, "seconds": seconds, "busy": busy}, parts, dst=0)
+        parts = self.gather({"summary": summary, "seconds": seconds, "busy": busy})
         if not self.is_main:
             return None
+        parts = parts[:self.stages]  # replicas report the same metrics (summed over them already)
         merged = dict(parts[-1]["summary"])
         merged["blocks"] = {name: metrics for part in parts for name, metrics in part["summary"]["blocks"].items()}
         lrs = {}
@@ -240,6 +264,7 @@ class Pipeline:
             lrs.update(part["summary"].get("lr", {}))
         if lrs:
             merged["lr"] = lrs
+        merged["stages"] = self.plan.stages
         merged["stage_seconds"] = [round(part["seconds"], 3) for part in parts]
         merged["stage_busy_seconds"] = [round(part["busy"], 3) for part in parts]
         return merged
@@ -249,19 +274,18 @@ class Pipeline:
         and every stage's generator state, on rank 0; None elsewhere."""
         own = {key: t.detach().cpu() for key, t in graph.state_dict().items() if t.device.type != "meta"}
         optimizers = {name: opt.state_dict() for name, opt in trainer.optimizers().items()}
-        parts = [None] * self.stages if self.is_main else None
-        dist.gather_object({"weights": own, "optimizers": optimizers, "rng": torch.get_rng_state()}, parts, dst=0)
+        everyone = self.gather({"weights": own, "optimizers": optimizers, "rng": torch.get_rng_state()})
         if not self.is_main:
             return None
         weights: dict[str, torch.Tensor] = {}
         states: dict[str, dict] = {}
-        for part in parts:
+        for part in everyone[:self.stages]:  # the replicas hold the same weights and moments
             weights.update(part["weights"])
             states.update(part["optimizers"])
         order = [key for key in graph.state_dict()]  # one process's key order
         names = [f"local.{b.name}" for b in graph.local_blocks()] + ["global"]
         return ({key: weights[key] for key in order}, {name: states[name] for name in names if name in states},
-                [part["rng"] for part in parts])
+                [part["rng"] for part in everyone])
 
 
 def check_stages(recipe, stages: int) -> list[str]:
@@ -278,13 +302,20 @@ def check_stages(recipe, stages: int) -> list[str]:
 
 
 def make_pipeline(graph: Network, recipe, stages: int, device: torch.device, timeout: datetime.timedelta,
-                  rank: int) -> Pipeline:
-    """This rank's stage of ``recipe``'s network cut into ``stages`` balanced stages at free cuts."""
-    costs = block_costs(graph, recipe.data.batch_size)
+                  group: Group) -> Pipeline:
+    """This process's stage of ``recipe``'s network cut into ``stages`` balanced stages at free
+    cuts; ``group`` spans every process (``stages`` x replicas), in which this one is ``group.rank``."""
+    costs = block_costs(graph, recipe.data.batch_size)  # the same in every process: same network, same seed
     plan = plan_stages(graph, stages, costs)
-    receives = boundary_tensors(graph, plan.cuts[rank - 1]) if rank > 0 else []
-    sends = boundary_tensors(graph, plan.cuts[rank]) if rank < stages - 1 else []
-    return Pipeline(rank, stages, plan, receives, sends, device, timeout)
+    stage, replica, replicas = group.rank % stages, group.rank // stages, group.world // stages
+    data_group = None
+    if replicas > 1:
+        # Every process creates every stage's group, in the same order (torch.distributed requires it).
+        subgroups = [dist.new_group([r * stages + s for r in range(replicas)]) for s in range(stages)]
+        data_group = Group(rank=replica, world=replicas, device=device, process_group=subgroups[stage])
+    receives = boundary_tensors(graph, plan.cuts[stage - 1]) if stage > 0 else []
+    sends = boundary_tensors(graph, plan.cuts[stage]) if stage < stages - 1 else []
+    return Pipeline(stage, stages, plan, receives, sends, device, timeout, replica, replicas, data_group)
 
 
 class StageClock:

@@ -68,15 +68,32 @@ def epoch_table(history: list[dict]) -> Table:
     loss and other metrics (long format, so deep all-local networks still fit a terminal)."""
     table = Table(title="Training", header_style="bold")
     keys = metric_keys(history)
-    for column in ("epoch", "train acc", "test acc", "global loss", "block", *(METRIC_TITLES.get(k, k) for k in keys)):
+    # A pipeline's epochs (layerwise.pipeline) also say each stage's training time, on its first block's row.
+    staged = any("stage_seconds" in row for row in history)
+    for column in ("epoch", "train acc", "test acc", "global loss", "block", *(METRIC_TITLES.get(k, k) for k in keys),
+                   *(["stage: s busy"] if staged else [])):
         table.add_column(column, justify="left" if column == "block" else "right")
     for row in history:
         head = [str(row["epoch"]), f"{row['train_acc']:.2%}", f"{row['test_acc']:.2%}", f"{row['global_loss']:.4f}"]
         blocks = row["blocks"] or {"-": {}}
+        times = stage_times(row) if staged else {}
         for i, (block, metrics) in enumerate(blocks.items()):
             cells = [fmt(metrics.get(key), percent=key == "acc") for key in keys]
+            cells += [times.get(block, "")] if staged else []
             table.add_row(*(head if i == 0 else [""] * 4), block, *cells, end_section=i == len(blocks) - 1)
     return table
+
+
+def stage_times(row: dict) -> dict[str, str]:
+    """'1: 12.3s 81%' (stage, training seconds, share of them busy rather than waiting on its
+    neighbours), keyed by the first block of each stage of a pipeline's epoch record."""
+    times = {}
+    for index, (blocks, wall, busy) in enumerate(zip(row.get("stages", []), row.get("stage_seconds", []),
+                                                     row.get("stage_busy_seconds", []), strict=False)):
+        first = next((b for b in blocks if b in row["blocks"]), None)
+        if first is not None:
+            times[first] = f"{index}: {wall:.1f}s {busy / wall:.0%}" if wall else str(index)
+    return times
 
 
 def fmt(value: float | None, percent: bool = False) -> str:

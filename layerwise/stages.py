@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -258,7 +259,7 @@ def plan_stages(net: Network, n: int, costs: dict[str, float], cuts: Sequence[st
     else:
         positions = named_cuts(net, n, list(cuts), free)
     bounds = [0, *positions, blocks]
-    stages = [net.order[a:b] for a, b in zip(bounds, bounds[1:])]
+    stages = [net.order[a:b] for a, b in itertools.pairwise(bounds)]
     return StagePlan(stages=stages, costs=[sum(costs[name] for name in stage) for stage in stages],
                      cuts=positions, boundaries=[boundary_tensors(net, k) for k in positions])
 
@@ -318,9 +319,9 @@ def describe_plan(net: Network, plan: StagePlan, costs: dict[str, float] | None 
     if costs is not None:
         total = sum(costs[name] for stage in plan.stages for name in stage)
         shares = [sum(costs[name] for name in stage) / total if total > 0 else share
-                  for stage, share in zip(plan.stages, shares)]
+                  for stage, share in zip(plan.stages, shares, strict=True)]
     lines = [f"stage {i}: {', '.join(stage)} (estimated {share:.0%} of the work)"
-             for i, (stage, share) in enumerate(zip(plan.stages, shares))]
+             for i, (stage, share) in enumerate(zip(plan.stages, shares, strict=True))]
     if len(net.order) == 1:
         return [*lines, "free cuts: none (the network has a single block)"]
     free = free_cuts(net)

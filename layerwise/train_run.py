@@ -248,9 +248,9 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
     graph = network_from_recipe(recipe, spec.shape, spec.num_classes).to(device)
     pipe = None
     if stages > 1:
-        pipe = make_pipeline(graph, recipe, stages, device, collective_timeout(), group.rank)
-        trainer = Trainer.from_recipe(graph, recipe, blocks=pipe.blocks)
-        group_for_data = None  # every stage reads every sample of the batch
+        pipe = make_pipeline(graph, recipe, stages, device, collective_timeout(), group)
+        trainer = Trainer.from_recipe(graph, recipe, group=pipe.data_group, blocks=pipe.blocks)
+        group_for_data = pipe.data_group  # every stage of a replica reads the replica's share of each batch
     else:
         if group is not None:
             group.broadcast_module(graph)
@@ -396,7 +396,8 @@ def pipeline_epoch_end(session: Session, summary: dict, seconds: float, waited: 
 def resume_command(run: Path, group: Group | None) -> str:
     """The command that continues ``run``, in as many processes as it had."""
     stages = requested_stages(1)
-    processes = f" --stages {stages}" if stages > 1 else f" --nproc {group.world}" if group is not None else ""
+    replicas = group.world // stages if group is not None else 1
+    processes = (f" --nproc {replicas}" if replicas > 1 else "") + (f" --stages {stages}" if stages > 1 else "")
     return f"layerwise train --resume {shlex.quote(str(run))}{processes}"  # a path may hold spaces or ;$()
 
 

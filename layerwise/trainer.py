@@ -245,7 +245,7 @@ class Trainer:
         """Sort the parameters by the loss that trains them and make the optimizers (once)."""
         graph, group = self.graph, self.group
         if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
-            use_global_batch_norm(graph)
+            use_global_batch_norm(graph, group.process_group)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
         local_blocks = [block for block in graph.local_blocks() if self.holds(block.name)]
         self.objective_params = [p for block in local_blocks for p in block.objective.parameters()]

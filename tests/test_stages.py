@@ -46,7 +46,7 @@ def chain(n=4, width=6):
 
 
 def costs_of(net, values):
-    return dict(zip(net.order, map(float, values)))
+    return dict(zip(net.order, map(float, values), strict=True))
 
 
 # ----------------------------------------------------------------------------- free cuts
@@ -145,7 +145,7 @@ def test_plans_match_a_brute_force_search():
 
         def largest(cuts, values=values):
             bounds = [0, *cuts, len(values)]
-            return max(sum(values[a:b]) for a, b in zip(bounds, bounds[1:]))
+            return max(sum(values[a:b]) for a, b in itertools.pairwise(bounds))
 
         best = min(itertools.combinations(range(1, 7), n - 1), key=largest)  # earliest among equals
         assert plan.cuts == list(best), (values, n)
@@ -237,13 +237,13 @@ def test_costs_are_positive_and_grow_with_width():
 def test_costs_of_shipped_networks_leave_the_model_and_the_random_stream_alone(hybrid):
     before = {k: v.clone() for k, v in hybrid.state_dict().items()}
     state = torch.get_rng_state()
-    costs = block_costs(hybrid, 64)
+    costs = block_costs(hybrid, 16)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(v, before[k]) for k, v in hybrid.state_dict().items())
     assert all(p.grad is None for p in hybrid.parameters())
     assert list(costs) == hybrid.order and all(c > 1 for c in costs.values())
     assert costs["hsic1"] > costs["bp1"] > costs["head"]  # 784x512 against 512x256 against 128x10
-    assert block_costs(hybrid, 64) == costs  # deterministic
+    assert block_costs(hybrid, 16) == costs  # deterministic
 
 
 def test_costs_leave_batch_norm_statistics_alone():

@@ -1,0 +1,391 @@
+"""Pipeline training (``layerwise train --stages N``) against one process: speed, bubbles, memory.
+
+Every measurement is a ``python -m layerwise train`` subprocess on a recipe written to a
+temporary folder: nHSIC blocks of 512 (linear + relu, sigma 5, beta 100) and a detached linear
+head, on MNIST at batch 256.
+
+* **Speed.** One network, trained in four configurations: (a) one process with one thread,
+  (b) one process with two threads, (c) 2 stages and (d) 4 stages of one thread each. The
+  configurations are interleaved (a, b, c, d, a, b, c, d, ...) so that drift on the machine hits
+  them all alike, and each one's median samples/s over ``--repeats`` is compared with (a)'s. An
+  epoch's seconds are rank 0's ``train_seconds`` for one process and the slowest stage's
+  ``stage_seconds`` for a pipeline (the last stage finishes last). The measured epoch is the
+  last one (``--epochs``, default 2): in the first, each stage starts its clock when it is ready,
+  and a stage that got ready early counts its wait for the earlier stages' start-up as pipeline
+  time. Every pipeline's ``model.safetensors`` is compared with (a)'s, tensor by tensor.
+* **Bubbles and communication.** For (c) and (d), each stage's wall and busy seconds (from
+  ``metrics.jsonl``) and its idle share, ``1 - busy / wall``: the time it waited on its neighbours.
+* **Memory.** The peak resident set (``VmHWM``) of every process of the launched tree (the CLI
+  launcher, torchrun, and the workers, recognised by ``LOCAL_RANK`` in their environment),
+  polled every 50 ms, for depths 8, 16 and 32 in one process and in 2 and 4 stages; and that of
+  an idle process that only imported torch and layerwise, the share every process pays anyway.
+
+Writes ``docs/results/pipeline.json`` (every raw number) and ``docs/results/pipeline.md``.
+
+    python benchmarks/pipeline.py                  # 8 blocks of 512, 10240 samples, 3 repeats
+    python benchmarks/pipeline.py --quick --repeats 1   # 4 blocks of 128, to check the code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from layerwise.atomic import write_text_atomic
+from layerwise.runs import cpu_name
+
+REPO = Path(__file__).resolve().parent.parent
+NHSIC = {"name": "nhsic", "sigma": 5, "beta": 100}
+CONFIGS = {
+    "a": {"label": "one process, 1 thread", "stages": 1, "threads": 1},
+    "b": {"label": "one process, 2 threads", "stages": 1, "threads": 2},
+    "c": {"label": "2 stages, 1 thread each", "stages": 2, "threads": 1},
+    "d": {"label": "4 stages, 1 thread each", "stages": 4, "threads": 1},
+}
+POLL_SECONDS = 0.05
+# Large blocks go straight to mmap and back to the OS when freed, so that the peak resident set
+# is the memory really in use at once rather than glibc's heap high-water mark (as benchmarks/memory.py).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+# ----------------------------------------------------------------------------- recipes and runs
+
+
+def stack_recipe(depth: int, width: int, batch: int, train_limit: int, epochs: int) -> dict:
+    """``depth`` nHSIC blocks of ``width`` and a detached linear head, as recipes/mnist_hsic.yaml."""
+    blocks = [{"name": f"hsic{i + 1}", "layer": "linear", "out": width, "act": "relu", "objective": dict(NHSIC)}
+              for i in range(depth)]
+    return {"name": f"pipeline-{depth}x{width}", "seed": 0,
+            "data": {"dataset": "mnist", "batch_size": batch, "train_limit": train_limit},
+            "model": {"subnetworks": [{"name": "hsic", "blocks": blocks},
+                                      {"name": "format", "blocks": [{"name": "head", "layer": "linear", "out": 10,
+                                                                     "detach": True}]}]},
+            "optim": {"local": {"name": "adam", "lr": 1.0e-3}, "global": {"name": "adam", "lr": 1.0e-3}},
+            "train": {"epochs": epochs, "device": "cpu"}}
+
+
+def write_recipe(folder: Path, recipe: dict) -> Path:
+    path = folder / f"{recipe['name']}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def train_command(recipe: Path, stages: int, runs_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "layerwise", "train", str(recipe), *(["--stages", str(stages)] if stages > 1 else []),
+            "--runs-dir", str(runs_dir), "--no-progress"]
+
+
+def environment(threads: int, extra: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra or {})}
+
+
+def run_folder(runs_dir: Path) -> Path:
+    """The one run folder a training wrote under ``runs_dir`` (``latest`` is a link to it)."""
+    folders = [p for p in runs_dir.iterdir() if p.is_dir() and not p.is_symlink()]
+    if len(folders) != 1:
+        raise RuntimeError(f"{runs_dir}: expected one run folder, found {[p.name for p in folders]}")
+    return folders[0]
+
+
+def check_finished(code: int, command: list[str], log: Path) -> None:
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"exit code {code}: {' '.join(command)}\n{tail}")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def timed_run(recipe: Path, stages: int, threads: int, work: Path, samples: int) -> dict:
+    """Train once; the measured (last) epoch's seconds, samples/s and per-stage times."""
+    runs_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
+    command = train_command(recipe, stages, runs_dir)
+    log = runs_dir.with_suffix(".log")
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=environment(threads),
+                              cwd=REPO).returncode
+    check_finished(code, command, log)
+    run = run_folder(runs_dir)
+    records = read_metrics(run)
+    last = records[-1]
+    seconds = max(last["stage_seconds"]) if "stage_seconds" in last else last["train_seconds"]
+    row = {"samples_per_s": round(samples / seconds, 1), "epoch_seconds": seconds,
+           "train_seconds": last["train_seconds"], "epoch": last["epoch"],
+           "first_epoch": {key: records[0].get(key) for key in ("train_seconds", "stage_seconds", "stage_busy_seconds")
+                           if key in records[0]},
+           "weights": str(run / "model.safetensors")}
+    if "stage_seconds" in last:
+        row.update(stages=last["stages"], stage_seconds=last["stage_seconds"],
+                   stage_busy_seconds=last["stage_busy_seconds"])
+    return row
+
+
+def same_weights(path: Path, reference: Path) -> bool:
+    """Whether every tensor of two checkpoints is equal, bit for bit (and they hold the same names)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path)), load_file(str(reference))
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def measure_speed(args, work: Path) -> dict:
+    recipe = write_recipe(work, stack_recipe(args.depth, args.width, args.batch, args.train_limit, args.epochs))
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for repeat in range(args.repeats):
+        for name, config in CONFIGS.items():
+            row = timed_run(recipe, config["stages"], config["threads"], work, args.train_limit)
+            runs[name].append(row)
+            print(f"repeat {repeat + 1}/{args.repeats} ({name}) {config['label']}: "
+                  f"{row['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+    reference = Path(runs["a"][0]["weights"])
+    for rows in runs.values():
+        for row in rows:
+            row["weights_identical"] = same_weights(Path(row.pop("weights")), reference)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    base = statistics.median(r["samples_per_s"] for r in runs["a"])
+    configurations = {}
+    for name, config in CONFIGS.items():
+        median = statistics.median(r["samples_per_s"] for r in runs[name])
+        configurations[name] = {**config, "processes": config["stages"],
+                                "oversubscribed": config["stages"] * config["threads"] > cores,
+                                "median_samples_per_s": round(median, 1), "vs_a": round(median / base, 3),
+                                "weights_identical": all(r["weights_identical"] for r in runs[name]),
+                                "runs": runs[name]}
+    bubbles = {}
+    for name, config in CONFIGS.items():
+        if config["stages"] > 1:
+            rows = runs[name]
+            bubbles[name] = [{"stage": s, "blocks": rows[0]["stages"][s],
+                              "wall_s": statistics.median(r["stage_seconds"][s] for r in rows),
+                              "busy_s": statistics.median(r["stage_busy_seconds"][s] for r in rows),
+                              "idle_share": round(statistics.median(
+                                  1 - r["stage_busy_seconds"][s] / r["stage_seconds"][s] for r in rows), 3)}
+                             for s in range(config["stages"])]
+    return {"network": {"depth": args.depth, "width": args.width, "batch": args.batch,
+                        "train_samples": args.train_limit, "epochs": args.epochs, "measured_epoch": args.epochs},
+            "cores": cores, "configurations": configurations, "bubbles": bubbles}
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it, read from ``/proc/*/stat``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in brackets may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def peak_kib(pid: int) -> int | None:
+    """The process's peak resident set so far (``VmHWM``, KiB); None once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def role(pid: int, root: int, stages: int) -> tuple[str, int | None] | None:
+    """What a process of the tree is: ``("worker", rank)``, ``("launcher", None)``, ``("torchrun", None)``
+    or None (anything else, e.g. ``git`` or a process between fork and exec)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                       if b"=" in item)
+    except OSError:
+        return None
+    argv = [a.decode(errors="replace") for a in argv]
+    module = argv[argv.index("-m") + 1:argv.index("-m") + 3] if "-m" in argv else []  # torchrun adds -u
+    if module[:1] == ["layerwise.distributed"]:
+        return "torchrun", None
+    if module != ["layerwise", "train"]:
+        return None
+    if b"LOCAL_RANK" in environ:
+        return "worker", int(environ.get(b"RANK", b"0"))
+    if pid == root:
+        return ("worker", 0) if stages == 1 else ("launcher", None)
+    return None
+
+
+def watched_run(recipe: Path, stages: int, work: Path) -> dict:
+    """Train once in one thread per process, polling the tree's peaks; each worker's peak by rank (MiB)."""
+    runs_dir = Path(tempfile.mkdtemp(prefix="mem-", dir=work))
+    command = train_command(recipe, stages, runs_dir)
+    log = runs_dir.with_suffix(".log")
+    peaks: dict[int, tuple[str, int | None, int]] = {}
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment(1, MEMORY_ENV),
+                                   cwd=REPO)
+        while process.poll() is None:
+            for pid in process_tree(process.pid):
+                what = role(pid, process.pid, stages)
+                kib = peak_kib(pid)
+                if what is not None and kib is not None:
+                    peaks[pid] = (*what, max(kib, peaks.get(pid, (None, None, 0))[2]))
+            time.sleep(POLL_SECONDS)
+    check_finished(process.returncode, command, log)
+    workers = {rank: kib for kind, rank, kib in peaks.values() if kind == "worker"}
+    if sorted(workers) != list(range(stages)):
+        raise RuntimeError(f"{' '.join(command)}: saw the workers of ranks {sorted(workers)}, "
+                           f"expected 0 to {stages - 1}")
+    mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
+    return {"stage_peak_mib": [mib(workers[rank]) for rank in range(stages)],
+            **{f"{kind}_peak_mib": mib(kib) for kind, _, kib in peaks.values() if kind != "worker"}}
+
+
+def idle_baseline_mib() -> float:
+    """The peak resident set of a process that only imported torch and layerwise's training code."""
+    code = ("import torch, layerwise.train_run, pathlib; print(next(l.split()[1] for l in "
+            "pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=environment(1, MEMORY_ENV), cwd=REPO)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)
+
+
+def measure_memory(args, work: Path) -> dict:
+    rows = []
+    for depth in args.memory_depths:
+        recipe = write_recipe(work, stack_recipe(depth, args.width, args.batch, args.memory_train_limit, 1))
+        for stages in (1, 2, 4):
+            row = {"depth": depth, "stages": stages, **watched_run(recipe, stages, work)}
+            rows.append(row)
+            print(f"memory: depth {depth}, {stages} stage(s): {row['stage_peak_mib']} MiB", file=sys.stderr, flush=True)
+    return {"width": args.width, "batch": args.batch, "train_samples": args.memory_train_limit, "epochs": 1,
+            "threads_per_process": 1, "env": MEMORY_ENV, "poll_seconds": POLL_SECONDS,
+            "idle_process_mib": idle_baseline_mib(), "rows": rows}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def markdown(result: dict) -> list[str]:
+    machine = result["machine"]
+    lines = [f"Command: `{result['command']}`", "",
+             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; each configuration "
+             f"run {result['repeats']} time(s), interleaved, median shown.", ""]
+    speed = result.get("speed")
+    if speed:
+        net = speed["network"]
+        lines += ["Speed: one network trained in each configuration, every run a `layerwise train` process tree; "
+                  f"{net['depth']} nHSIC blocks of {net['width']} and a detached linear head, batch {net['batch']}, "
+                  f"{net['train_samples']} MNIST training samples, the last of {net['epochs']} epoch(s) timed "
+                  "(samples/s = samples / epoch seconds; a pipeline's epoch is its slowest stage's wall time).", "",
+                  "| configuration | processes x threads | samples/s | vs (a) | weights identical to one process |",
+                  "|---|---|---|---|---|"]
+        for name, c in speed["configurations"].items():
+            label = c["label"] + (f" (oversubscribed: {c['processes'] * c['threads']} threads on {speed['cores']} "
+                                  "cores)" if c["oversubscribed"] else "")
+            same = "reference" if name == "a" else yes_no(c["weights_identical"])
+            if c["stages"] == 1 and name != "a":
+                same += " (threads may change the order of sums)"
+            lines.append(f"| ({name}) {label} | {c['processes']} x {c['threads']} | {c['median_samples_per_s']:.1f} "
+                         f"| {c['vs_a']:.2f} | {same} |")
+        pipes = [c for c in speed["configurations"].values() if c["stages"] > 1]
+        lines += ["", "Weights identical to one process: " + yes_no(all(c["weights_identical"] for c in pipes))
+                  + " (every pipeline run's model.safetensors against (a)'s, torch.equal on every tensor).", "",
+                  "Bubbles and communication: each stage's wall seconds of training, the seconds it was busy (not "
+                  "waiting on its neighbours' sends and receives), and the idle share 1 - busy / wall (medians).", "",
+                  "| configuration | stage | blocks | wall s | busy s | idle share |", "|---|---|---|---|---|---|"]
+        for name, stages in speed["bubbles"].items():
+            for s in stages:
+                blocks = ", ".join(s["blocks"])
+                lines.append(f"| ({name}) | {s['stage']} | {blocks} | {s['wall_s']:.2f} | {s['busy_s']:.2f} "
+                             f"| {s['idle_share']:.0%} |")
+        lines.append("")
+    memory = result.get("memory")
+    if memory:
+        counts = sorted({r["stages"] for r in memory["rows"]})
+        lines += [f"Memory: peak resident set (VmHWM, MiB) of each training process, polled every "
+                  f"{memory['poll_seconds'] * 1000:.0f} ms; nHSIC blocks of {memory['width']}, "
+                  f"batch {memory['batch']}, "
+                  f"{memory['train_samples']} training samples, 1 epoch, 1 thread per process, "
+                  f"MALLOC_MMAP_THRESHOLD_={memory['env']['MALLOC_MMAP_THRESHOLD_']}. Every process also holds the "
+                  f"Python and torch runtime: an idle process that only imported torch and layerwise peaks at "
+                  f"{memory['idle_process_mib']:.1f} MiB.", "",
+                  "| depth | " + " | ".join("one process" if n == 1 else f"{n} stages (stage 0 / ... / {n - 1})"
+                                           for n in counts) + " |",
+                  "|---|" + "---|" * len(counts)]
+        for depth in dict.fromkeys(r["depth"] for r in memory["rows"]):
+            cells = {r["stages"]: " / ".join(f"{m:.0f}" for m in r["stage_peak_mib"])
+                     for r in memory["rows"] if r["depth"] == depth}
+            lines.append(f"| {depth} | " + " | ".join(cells[n] for n in counts) + " |")
+        lines.append("")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Pipeline stages against one process: speed, bubbles, memory.")
+    parser.add_argument("--quick", action="store_true", help="4 blocks of 128, 1024 samples: to check the code")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=None, help="blocks of the speed network (default 8)")
+    parser.add_argument("--width", type=int, default=None, help="block width (default 512)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--train-limit", type=int, default=None, help="training samples (default 10240)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per speed run; the last is timed")
+    parser.add_argument("--memory-depths", type=int, nargs="+", default=None, help="default 8 16 32")
+    parser.add_argument("--memory-train-limit", type=int, default=512)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.depth = args.depth or (4 if quick else 8)
+    args.width = args.width or (128 if quick else 512)
+    args.train_limit = args.train_limit or (1024 if quick else 10240)
+    args.memory_depths = args.memory_depths or ([4] if quick else [8, 16, 32])
+
+    command = "python benchmarks/pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    result: dict = {"command": command.strip(),
+                    "machine": {"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
+                                "python": sys.version.split()[0]},
+                    "repeats": args.repeats}
+    with tempfile.TemporaryDirectory(prefix="layerwise-pipeline-bench-") as folder:
+        work = Path(folder)
+        if not args.skip_speed:
+            result["speed"] = measure_speed(args, work)
+        if not args.skip_memory:
+            result["memory"] = measure_memory(args, work)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / "pipeline.json", json.dumps(result, indent=2) + "\n")
+    lines = markdown(result)
+    write_text_atomic(args.out / "pipeline.md", "\n".join(lines))
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Block-parallel training (layerwise.pipeline): `layerwise train R --stages N` runs the network as
+a pipeline of N processes, one stage of blocks each, and trains the weights of one process.
+
+- end to end on real MNIST: every tensor of model.safetensors (and of the resume state) is
+  bit-identical to a one-process run's, for HSIC-only, local-cross-entropy and hybrid networks;
+- a pipeline killed after an epoch resumes in 2 stages or in one process, bit-identically;
+- a stage that is killed or stopped ends the whole run within a bounded time, with one line that
+  names the stage and the command that resumes, and no process left behind;
+- the CLI: `validate --stages`, and what `train --stages` refuses before launching anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from layerwise import distributed
+from layerwise.pipeline import STAGES_ENV
+from tests.helpers import REPO, assert_one_line_error, assert_same_tensors, epochs_in_metrics, process_tree
+
+RECIPES = REPO / "recipes"
+
+# Small and quick: 8 (nHSIC) or 4 batches of 256 per epoch, the whole test set evaluated.
+HSIC = (str(RECIPES / "mnist_hsic.yaml"), "train.epochs=2", "data.train_limit=2048", "train.device=cpu")
+HYBRID = (str(RECIPES / "mnist_hybrid.yaml"), "train.epochs=1", "data.train_limit=1024", "train.device=cpu")
+
+# Three local cross-entropy blocks and a detached head: no global gradient crosses any cut.
+LOCALCE = {
+    "name": "localce_stack",
+    "seed": 0,
+    "data": {"dataset": "mnist", "batch_size": 256, "train_limit": 1024},
+    "model": {"subnetworks": [
+        {"name": "local", "blocks": [
+            {"name": "ce1", "layer": "linear", "out": 256, "act": "relu", "objective": {"name": "localce"}},
+            {"name": "ce2", "layer": "linear", "out": 128, "act": "relu", "objective": {"name": "localce"}},
+            {"name": "ce3", "layer": "linear", "out": 128, "act": "relu", "objective": {"name": "localce"}},
+        ]},
+        {"name": "format", "blocks": [{"name": "head", "layer": "linear", "out": 10, "detach": True}]},
+    ]},
+    "optim": {"local": {"name": "adam", "lr": 1.0e-3}, "global": {"name": "adam", "lr": 1.0e-3}},
+    "train": {"epochs": 1, "device": "cpu"},
+}
+
+
+BLOCKS = {"hsic": ["hsic1", "hsic2", "hsic3", "hsic4", "hsic5", "head"], "localce": ["ce1", "ce2", "ce3", "head"],
+          "hybrid": ["hsic1", "bp1", "hsic2", "head"]}
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """One thread per process (the stages share the cores), no stage count inherited."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200", **extra}
+    env.pop(STAGES_ENV, None)
+    return env
+
+
+def train(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``layerwise train ARGS --no-progress`` in a subprocess, to the end."""
+    return subprocess.run([sys.executable, "-m", "layerwise", "train", *args, "--no-progress"], cwd=cwd,
+                          env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+    """``layerwise train ARGS --no-progress`` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "layerwise", "train", *args, "--no-progress"], cwd=cwd,
+                            env=subprocess_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def latest(runs: Path) -> Path:
+    return (runs / "latest").resolve()
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(run: Path, reference: Path, stages: int = 1) -> None:
+    """The weights, the resume state and the metrics of ``run`` are those of the one-process ``reference``.
+
+    A pipeline's state also holds the generator of every other stage (``rng/torch/rankR``)."""
+    assert_same_tensors(run / "model.safetensors", reference / "model.safetensors")
+    state, expected = load_file(run / "state.safetensors"), load_file(reference / "state.safetensors")
+    assert set(state) - set(expected) <= {f"rng/torch/rank{r}" for r in range(1, max(stages, 2))}
+    assert set(expected) <= set(state)
+    different = [name for name in expected if not (state[name].dtype == expected[name].dtype
+                                                  and state[name].equal(expected[name]))]
+    assert not different, f"state tensors differ: {different}"
+    got, want = records(run), records(reference)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert (a["test_acc"], a["train_acc"]) == (b["test_acc"], b["train_acc"]), (a, b)
+
+
+@pytest.fixture(scope="module")
+def localce_recipe(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("recipes") / "localce_stack.yaml"
+    path.write_text(yaml.safe_dump(LOCALCE))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``reference(*args)``: the run folder of ``layerwise train ARGS`` in one process, trained once per module."""
+    done: dict[tuple[str, ...], Path] = {}
+
+    def run(*args: str) -> Path:
+        if args not in done:
+            folder = tmp_path_factory.mktemp("reference")
+            result = train(*args, "--runs-dir", "runs", cwd=folder)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[args] = latest(folder / "runs")
+        return done[args]
+
+    return run
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("network", "stages"), [("hsic", 2), ("hsic", 4), ("localce", 2), ("hybrid", 2)],
+                         ids=["mnist_hsic-2", "mnist_hsic-4", "localce-2", "mnist_hybrid-2"])
+def test_stages_train_the_weights_of_one_process(network, stages, tmp_path, reference, localce_recipe,
+                                                 mnist_available):
+    args = {"hsic": HSIC, "hybrid": HYBRID, "localce": (localce_recipe,)}[network]
+    expected = reference(*args)
+
+    done = train(*args, "--stages", str(stages), "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"in {stages} processes" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.count("Run folder:") == 1, "only stage 0 prints"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]) == 1, "stage 0 alone makes a folder"
+    run = latest(tmp_path / "runs")
+
+    assert_same_run(run, expected, stages)
+    for record in records(run):
+        assert len(record["stage_seconds"]) == stages
+        assert len(record["stage_busy_seconds"]) == stages
+        assert all(seconds >= 0 for seconds in record["stage_seconds"])
+        assert len(record["stages"]) == stages and all(record["stages"]), record["stages"]
+        assert [name for stage in record["stages"] for name in stage] == BLOCKS[network]
+    if network == "hybrid":
+        assert records(run)[0]["stages"] == [["hsic1"], ["bp1", "hsic2", "head"]]
+
+
+# --------------------------------------------------------------------------- faults and resume
+
+
+def stage_process(launcher: subprocess.Popen, stage: int, timeout: float = 60) -> int:
+    """The pid of the worker that runs ``stage`` (torchrun's LOCAL_RANK), a grandchild of the launcher."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in process_tree(launcher.pid):
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if f"LOCAL_RANK={stage}".encode() in environ and b"train" in command:
+                    return pid
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no worker for stage {stage} within {timeout}s")
+
+
+def wait_for_epochs(runs: Path, launcher: subprocess.Popen, epochs: int, timeout: float = 180) -> None:
+    """Poll until the launched run has ``epochs`` lines in its metrics.jsonl."""
+    deadline = time.monotonic() + timeout
+    metrics = runs / "latest" / "metrics.jsonl"
+    while True:
+        with contextlib.suppress(OSError):
+            if metrics.read_text().count("\n") >= epochs:
+                return
+        if launcher.poll() is not None:
+            raise AssertionError(f"the run ended before epoch {epochs} was saved: {launcher.communicate()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"epoch {epochs} was not saved within {timeout}s")
+        time.sleep(0.005)
+
+
+def alive(pid: int) -> bool:
+    """A process that has not ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def release(pids: list[int]) -> None:
+    """Whatever the test left running, resumed and killed."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.integration
+def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, reference, mnist_available):
+    from layerwise.resume import STATE_FILE, load_state
+
+    expected = reference(*HSIC)
+    runs = tmp_path / "runs"
+    launcher = start_train(*HSIC, "--stages", "2", "--runs-dir", "runs", cwd=tmp_path)
+    tree: list[int] = []
+    try:
+        victim = stage_process(launcher, 1)
+        wait_for_epochs(runs, launcher, 1)
+        tree = process_tree(launcher.pid)  # the launcher, torchrun and both stages
+        assert victim in tree and len(tree) >= 4, tree
+        os.kill(victim, signal.SIGKILL)  # in epoch 2 (8 batches and the test set to go)
+        killed = time.monotonic()
+        _, err = launcher.communicate(timeout=60)
+        assert time.monotonic() - killed < 60
+    finally:
+        release([launcher.pid, *tree])
+    assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert [pid for pid in tree if alive(pid)] == [], "every process of the run ended with it"
+
+    run = latest(runs)
+    assert load_state(run / STATE_FILE).epoch == 1, "the kill must land before epoch 2 is saved"
+    assert epochs_in_metrics(run) == [1]
+    assert "Traceback" not in err
+    command = f"layerwise train --resume {run} --stages 2"
+    named = [line for line in error_lines(err) if "stage 1 of 2" in line]
+    assert len(named) == 1, err[-3000:]
+    assert "SIGKILL" in named[0] and named[0].endswith(command), named[0]
+    elsewhere = tmp_path / "copy" / run.name
+    shutil.copytree(run, elsewhere)
+
+    # The command it printed continues the run in 2 stages ...
+    resumed = train("--resume", str(run), "--stages", "2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run} after epoch 1 of 2 in 2 processes" in " ".join(resumed.stderr.split())
+    assert_same_run(run, expected, stages=2)
+
+    # ... and the same state continues in one process, just as exactly: the stages split blocks, not batches.
+    alone = train("--resume", str(elsewhere), cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert f"resuming {elsewhere} after epoch 1 of 2" in " ".join(alone.stderr.split())
+    assert_same_run(elsewhere, expected)
+    assert load_state(elsewhere / STATE_FILE).processes == 1
+
+
+@pytest.mark.integration
+def test_a_stopped_stage_times_the_run_out(tmp_path, mnist_available):
+    runs = tmp_path / "runs"
+    launcher = start_train(*HSIC, "--stages", "2", "--runs-dir", "runs", cwd=tmp_path, LAYERWISE_DIST_TIMEOUT="10")
+    tree: list[int] = []
+    try:
+        victim = stage_process(launcher, 1)
+        wait_for_epochs(runs, launcher, 1)
+        tree = process_tree(launcher.pid)
+        os.kill(victim, signal.SIGSTOP)  # hung: its sockets stay open, only the timeout can tell
+        stopped = time.monotonic()
+        # 10 s for stage 0 to give up, then up to 30 s for torchrun's SIGTERM before its SIGKILL
+        _, err = launcher.communicate(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        release([launcher.pid, *tree])
+    assert launcher.returncode not in (0, None), err[-3000:]
+    assert took < 90
+    assert [pid for pid in tree if alive(pid)] == [], "every process of the run ended with it"
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    assert "within 10 s ($LAYERWISE_DIST_TIMEOUT)" in text, err[-3000:]
+    run = latest(runs)
+    assert any(f"layerwise train --resume {run} --stages 2" in line for line in error_lines(err)), err[-3000:]
+    assert epochs_in_metrics(run) == [1], "the saved epoch is kept"
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fail the test if anything is launched; keep the stage count the CLI sets from leaking out."""
+    monkeypatch.setenv(STAGES_ENV, "")  # restored (removed) after the test, whatever the CLI set
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"launched {args}")
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", refuse)
+
+
+def test_validate_prints_each_stages_blocks(cli):
+    result = cli("validate", str(RECIPES / "mnist_hybrid.yaml"), "--stages", "2")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert any(line.startswith("stage 0: hsic1 (") for line in lines), result.out
+    assert any(line.startswith("stage 1: bp1, hsic2, head (") for line in lines), result.out
+    assert any(line.startswith("free cuts: after hsic1; not free: after bp1") for line in lines), result.out
+
+
+@pytest.mark.parametrize("command", [["validate", "mnist_hybrid", "--stages", "3"],
+                                     ["train", "mnist_hybrid", "--stages", "3"],
+                                     ["train", "mnist_hybrid", "train.stages=3"]],
+                         ids=["validate", "train", "recipe"])
+def test_a_cut_that_is_not_free_is_refused_before_launching(cli, no_launch, command):
+    recipe = str(RECIPES / f"{command[1]}.yaml")
+    result = cli(command[0], recipe, *command[2:])
+    assert_one_line_error(result, "cannot cut into 3 stages", "not free", "'bp1'")
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [("train.on_nonfinite=skip", "train.on_nonfinite: skip"),
+                                                   ("train.precision=bf16", "train.precision: bf16")])
+def test_what_a_pipeline_cannot_run_exactly_is_refused_before_launching(cli, no_launch, setting, fragment):
+    result = cli("train", str(RECIPES / "mnist_hsic.yaml"), "--stages", "2", setting)
+    assert_one_line_error(result, fragment, "2 pipeline stages")
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_zero_stages_are_refused(cli, no_launch, command):
+    result = cli(command, str(RECIPES / "mnist_hsic.yaml"), "--stages", "0")
+    assert_one_line_error(result, "--stages: expected a number of", ">= 1, found 0")
+
+
+def test_nproc_with_stages_is_refused_as_not_built(tmp_path):
+    # Data parallelism inside a pipeline: refused in one clear line, no traceback, no run folder.
+    done = subprocess.run([sys.executable, "-m", "layerwise", "train", str(RECIPES / "mnist_hsic.yaml"),
+                           "train.device=cpu", "--nproc", "2", "--stages", "2", "--runs-dir", "runs", "--no-progress"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = error_lines(done.stderr)
+    assert errors, done.stderr[-3000:]
+    assert "data parallelism inside a pipeline (--nproc with --stages) is not built yet" in errors[0], errors
+    assert not (tmp_path / "runs").exists()
