@@ -110,27 +110,23 @@ def read_metrics(run: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- speed
 
 
-def timed_run(recipe: Path, stages: int, threads: int, work: Path, samples: int) -> dict:
-    """Train once; the measured (last) epoch's seconds, samples/s and per-stage times."""
-    runs_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
-    command = train_command(recipe, stages, runs_dir)
-    log = runs_dir.with_suffix(".log")
-    with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=environment(threads),
-                              cwd=REPO).returncode
-    check_finished(code, command, log)
-    run = run_folder(runs_dir)
+def timed_run(recipe: Path, stages: int, threads: int, work: Path, samples: int, watch: bool = False) -> dict:
+    """Train once; the measured (last) epoch's seconds, samples/s and per-stage times (and with
+    ``watch``, each process's peak memory under ``"memory"``)."""
+    run, command_seconds, memory = train_once(recipe, stages, threads, work, watch)
     records = read_metrics(run)
     last = records[-1]
     seconds = max(last["stage_seconds"]) if "stage_seconds" in last else last["train_seconds"]
     row = {"samples_per_s": round(samples / seconds, 1), "epoch_seconds": seconds,
-           "train_seconds": last["train_seconds"], "epoch": last["epoch"],
+           "train_seconds": last["train_seconds"], "epoch": last["epoch"], "command_seconds": command_seconds,
            "first_epoch": {key: records[0].get(key) for key in ("train_seconds", "stage_seconds", "stage_busy_seconds")
                            if key in records[0]},
            "weights": str(run / "model.safetensors")}
     if "stage_seconds" in last:
         row.update(stages=last["stages"], stage_seconds=last["stage_seconds"],
                    stage_busy_seconds=last["stage_busy_seconds"])
+    if memory is not None:
+        row["memory"] = memory
     return row
 
 
@@ -147,7 +143,8 @@ def measure_speed(args, work: Path) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for repeat in range(args.repeats):
         for name, config in CONFIGS.items():
-            row = timed_run(recipe, config["stages"], config["threads"], work, args.train_limit)
+            watch = args.quick and repeat == 0 and config["threads"] == 1 and not args.skip_memory
+            row = timed_run(recipe, config["stages"], config["threads"], work, args.train_limit, watch)
             runs[name].append(row)
             print(f"repeat {repeat + 1}/{args.repeats} ({name}) {config['label']}: "
                   f"{row['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
@@ -236,52 +233,70 @@ def role(pid: int, root: int, stages: int) -> tuple[str, int | None] | None:
     return None
 
 
-def watched_run(recipe: Path, stages: int, work: Path) -> dict:
-    """Train once in one thread per process, polling the tree's peaks; each worker's peak by rank (MiB)."""
-    runs_dir = Path(tempfile.mkdtemp(prefix="mem-", dir=work))
+def train_once(recipe: Path, stages: int, threads: int, work: Path, watch: bool,
+               extra_env: dict | None = None) -> tuple[Path, float, dict | None]:
+    """Train ``recipe`` once in ``stages`` processes of ``threads`` threads; return the run folder,
+    the command's wall seconds and, with ``watch``, the peak resident set of each process (MiB):
+    ``stage_peak_mib`` by rank, and ``launcher_peak_mib`` and ``torchrun_peak_mib`` for a pipeline."""
+    runs_dir = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     command = train_command(recipe, stages, runs_dir)
     log = runs_dir.with_suffix(".log")
     peaks: dict[int, tuple[str, int | None, int]] = {}
+    started = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment(1, MEMORY_ENV),
-                                   cwd=REPO)
-        while process.poll() is None:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=environment(threads, extra_env), cwd=REPO)
+        while watch and process.poll() is None:
             for pid in process_tree(process.pid):
                 what = role(pid, process.pid, stages)
                 kib = peak_kib(pid)
                 if what is not None and kib is not None:
                     peaks[pid] = (*what, max(kib, peaks.get(pid, (None, None, 0))[2]))
             time.sleep(POLL_SECONDS)
+        process.wait()
+    seconds = round(time.perf_counter() - started, 2)
     check_finished(process.returncode, command, log)
+    if not watch:
+        return run_folder(runs_dir), seconds, None
     workers = {rank: kib for kind, rank, kib in peaks.values() if kind == "worker"}
     if sorted(workers) != list(range(stages)):
         raise RuntimeError(f"{' '.join(command)}: saw the workers of ranks {sorted(workers)}, "
                            f"expected 0 to {stages - 1}")
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
-    return {"stage_peak_mib": [mib(workers[rank]) for rank in range(stages)],
-            **{f"{kind}_peak_mib": mib(kib) for kind, _, kib in peaks.values() if kind != "worker"}}
+    memory = {"stage_peak_mib": [mib(workers[rank]) for rank in range(stages)],
+              **{f"{kind}_peak_mib": mib(kib) for kind, _, kib in peaks.values() if kind != "worker"}}
+    return run_folder(runs_dir), seconds, memory
 
 
-def idle_baseline_mib() -> float:
+def idle_baseline_mib(extra_env: dict) -> float:
     """The peak resident set of a process that only imported torch and layerwise's training code."""
     code = ("import torch, layerwise.train_run, pathlib; print(next(l.split()[1] for l in "
             "pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM:')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=environment(1, MEMORY_ENV), cwd=REPO)
+                         env=environment(1, extra_env), cwd=REPO)
     return round(int(out.stdout.split()[-1]) / 1024, 1)
 
 
-def measure_memory(args, work: Path) -> dict:
+def measure_memory(args, work: Path, speed: dict | None) -> dict:
+    """Each process's peak for every depth in 1, 2 and 4 stages; with ``--quick``, read from the
+    first repeat's speed runs (a), (c) and (d) instead, to save start-ups."""
+    if args.quick and speed is not None:
+        rows = [{"depth": args.depth, "stages": c["stages"], **c["runs"][0]["memory"]}
+                for c in speed["configurations"].values() if "memory" in c["runs"][0]]
+        return {"width": args.width, "batch": args.batch, "train_samples": args.train_limit, "epochs": args.epochs,
+                "threads_per_process": 1, "env": {}, "poll_seconds": POLL_SECONDS, "from_speed_runs": True,
+                "idle_process_mib": idle_baseline_mib({}), "rows": rows}
     rows = []
     for depth in args.memory_depths:
         recipe = write_recipe(work, stack_recipe(depth, args.width, args.batch, args.memory_train_limit, 1))
         for stages in (1, 2, 4):
-            row = {"depth": depth, "stages": stages, **watched_run(recipe, stages, work)}
-            rows.append(row)
-            print(f"memory: depth {depth}, {stages} stage(s): {row['stage_peak_mib']} MiB", file=sys.stderr, flush=True)
+            _, seconds, memory = train_once(recipe, stages, 1, work, watch=True, extra_env=MEMORY_ENV)
+            rows.append({"depth": depth, "stages": stages, "command_seconds": seconds, **memory})
+            print(f"memory: depth {depth}, {stages} stage(s): {memory['stage_peak_mib']} MiB", file=sys.stderr,
+                  flush=True)
     return {"width": args.width, "batch": args.batch, "train_samples": args.memory_train_limit, "epochs": 1,
             "threads_per_process": 1, "env": MEMORY_ENV, "poll_seconds": POLL_SECONDS,
-            "idle_process_mib": idle_baseline_mib(), "rows": rows}
+            "idle_process_mib": idle_baseline_mib(MEMORY_ENV), "rows": rows}
 
 
 # ----------------------------------------------------------------------------- report
@@ -328,20 +343,23 @@ def markdown(result: dict) -> list[str]:
     memory = result.get("memory")
     if memory:
         counts = sorted({r["stages"] for r in memory["rows"]})
+        source = ("read from the first repeat's speed runs (a), (c) and (d)" if memory.get("from_speed_runs")
+                  else "one run each")
+        env = "".join(f", {k}={v}" for k, v in memory["env"].items())
         lines += [f"Memory: peak resident set (VmHWM, MiB) of each training process, polled every "
-                  f"{memory['poll_seconds'] * 1000:.0f} ms; nHSIC blocks of {memory['width']}, "
-                  f"batch {memory['batch']}, "
-                  f"{memory['train_samples']} training samples, 1 epoch, 1 thread per process, "
-                  f"MALLOC_MMAP_THRESHOLD_={memory['env']['MALLOC_MMAP_THRESHOLD_']}. Every process also holds the "
-                  f"Python and torch runtime: an idle process that only imported torch and layerwise peaks at "
-                  f"{memory['idle_process_mib']:.1f} MiB.", "",
-                  "| depth | " + " | ".join("one process" if n == 1 else f"{n} stages (stage 0 / ... / {n - 1})"
-                                           for n in counts) + " |",
-                  "|---|" + "---|" * len(counts)]
+                  f"{memory['poll_seconds'] * 1000:.0f} ms, {source}; nHSIC blocks of {memory['width']}, "
+                  f"batch {memory['batch']}, {memory['train_samples']} training samples, {memory['epochs']} epoch(s), "
+                  f"1 thread per process{env}. Every process also holds the Python and torch runtime: an idle "
+                  f"process that only imported torch and layerwise peaks at {memory['idle_process_mib']:.0f} MiB.", "",
+                  "| depth | " + " | ".join("one process" if n == 1 else f"{n} stages: each stage" for n in counts)
+                  + " | launcher, torchrun (2 stages; 4 stages) |",
+                  "|---|" + "---|" * (len(counts) + 1)]
         for depth in dict.fromkeys(r["depth"] for r in memory["rows"]):
-            cells = {r["stages"]: " / ".join(f"{m:.0f}" for m in r["stage_peak_mib"])
-                     for r in memory["rows"] if r["depth"] == depth}
-            lines.append(f"| {depth} | " + " | ".join(cells[n] for n in counts) + " |")
+            rows = {r["stages"]: r for r in memory["rows"] if r["depth"] == depth}
+            cells = [" / ".join(f"{m:.0f}" for m in rows[n]["stage_peak_mib"]) for n in counts]
+            helpers = "; ".join(f"{rows[n].get('launcher_peak_mib', 0):.0f}, {rows[n].get('torchrun_peak_mib', 0):.0f}"
+                                for n in counts if n > 1)
+            lines.append(f"| {depth} | " + " | ".join(cells) + f" | {helpers} |")
         lines.append("")
     return lines
 
@@ -378,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_speed:
             result["speed"] = measure_speed(args, work)
         if not args.skip_memory:
-            result["memory"] = measure_memory(args, work)
+            result["memory"] = measure_memory(args, work, result.get("speed"))
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "pipeline.json", json.dumps(result, indent=2) + "\n")
     lines = markdown(result)

@@ -278,7 +278,7 @@ def plugins(
 def provided_lines(row: dict) -> str:
     """What a plugin provides, one line per kind: 'objective localce', 'layers linear, conv2d'."""
     lines = []
-    for kind in ("objectives", "layers", "datasets", "commands"):
+    for kind in ("objectives", "layers", "datasets", "streams", "commands"):
         names = row[kind]
         if names:
             lines.append(f"{kind if len(names) > 1 else kind[:-1]} {', '.join(names)}")

@@ -331,6 +331,10 @@ def joined(device: torch.device, batch_size: int, stages: int = 1) -> Iterator[G
     set of lines and bars.
     """
     world = launched_world_size()
+    if world == 1 and stages > 1:
+        raise LayerwiseError(f"train.stages is {stages}, so the network needs {stages} processes: train it with "
+                             f"'layerwise train RECIPE', which starts them, or under torchrun "
+                             f"--nproc_per_node {stages}")
     if world == 1:
         yield None
         return
@@ -344,7 +348,8 @@ def joined(device: torch.device, batch_size: int, stages: int = 1) -> Iterator[G
         # so rank 0's message is the one to read.
         from layerwise.progress import stderr, stdout
 
-        stdout.quiet = stderr.quiet = True
+        # A pipeline's stages fail differently (a NaN in one stage's block): each says its own error.
+        stdout.quiet, stderr.quiet = True, stages == 1
     if world % stages:
         raise LayerwiseError(f"{world} processes cannot form replicas of {stages} pipeline stages; start a multiple "
                              f"of {stages}")

@@ -22,9 +22,10 @@ from layerwise.errors import RecipeError
 from layerwise.graph import Block, Network, ObjectiveSpec
 from layerwise.layers import build_body
 from layerwise.plugins import registries
-from layerwise.recipe import Recipe, block_paths, objective_config
+from layerwise.recipe import Recipe, block_paths, named_config, objective_config
 from layerwise.schema import Problems
 from layerwise.shipped import resolve_recipe_path
+from layerwise.streams import StreamSpec
 
 
 def load_recipe(source: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -63,6 +64,20 @@ def recipe_blocks(recipe: Recipe) -> list[Block]:
     return blocks
 
 
+def recipe_streams(recipe: Recipe) -> StreamSpec | None:
+    """The stream maker the recipe's ``model.streams`` declares (or that its objectives read), if any."""
+    model = recipe.model
+    if model.streams is None:
+        return None
+    config = model.streams_config
+    if config is None:  # a model made or copied without validation
+        problems = Problems(context=registries())
+        config = named_config(model.streams, "model.streams", registries().streams, problems, "a stream maker")
+        if problems:
+            raise RecipeError(recipe.name, problems.items)
+    return StreamSpec(model.streams_name, registries().streams.get(model.streams_name), config)
+
+
 def network_from_recipe(recipe: Recipe, input_shape: Sequence[int] | None = None,
                         num_classes: int | None = None) -> Network:
     """The recipe's network for inputs of ``input_shape`` (default: its dataset's), with
@@ -71,7 +86,8 @@ def network_from_recipe(recipe: Recipe, input_shape: Sequence[int] | None = None
         spec = dataset_spec(recipe)
         input_shape = spec.shape if input_shape is None else input_shape
         num_classes = spec.num_classes if num_classes is None else num_classes
-    network = Network(recipe_blocks(recipe), input_shape, num_classes, name=recipe.name)
+    network = Network(recipe_blocks(recipe), input_shape, num_classes, name=recipe.name,
+                      streams=recipe_streams(recipe))
     network.recipe = recipe
     return network
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,10 +25,12 @@ from torch import nn
 from layerwise.errors import LayerwiseError
 from layerwise.objectives.base import Backprop, BlockInfo, EmptyConfig, Objective
 from layerwise.registry import did_you_mean
+from layerwise.streams import StreamInfo, StreamMaker, StreamSpec, check_streams, default_spec
 from layerwise.topology import INPUT, block_inputs, topological_order
 
-OnOutput = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(block name, block input, block output) -> tensor passed on`` (see :meth:`Network.run`)."""
+OnOutput = Callable[..., torch.Tensor]
+"""``(block name, block input, block output) -> tensor passed on``; on a network with streams,
+a fourth argument holds the block's output for each stream (see :meth:`Network.run`)."""
 
 BodyFactory = Callable[[tuple], nn.Module]
 """A function from a block's input shape (batch excluded) to its module."""
@@ -119,6 +121,8 @@ class GraphOutput:
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
     logits: torch.Tensor | None  # None for a pipeline stage without the head
+    # Stream name -> block name -> that block's output on the stream (layerwise.streams).
+    streams: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -132,14 +136,20 @@ class Network(nn.Module):
     ``input_shape`` (batch excluded) builds every shape-dependent part now; without it, that
     happens on the first batch (:meth:`materialize`). ``num_classes`` defaults to the width of
     the last block, the head. ``name`` prefixes error messages (a recipe's name, say).
+
+    ``streams`` (a :class:`~layerwise.streams.StreamSpec`, a recipe's ``model.streams``) makes
+    the network carry extra streams beside the data; without it, the maker that the blocks'
+    objectives need (``Objective.streams``), if any, with its default options.
     """
 
     def __init__(self, blocks: Sequence[Block], input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, *, name: str = "network"):
+                 num_classes: int | None = None, *, name: str = "network", streams: StreamSpec | None = None):
         super().__init__()
         self.name = name
         blocks = list(blocks)
         check_blocks(blocks, name)
+        self.stream_spec = stream_spec(blocks, streams, name)
+        self.stream_maker: StreamMaker | None = None  # built by materialize
         self.deps = block_inputs((block.name, block.inputs) for block in blocks)
         check_inputs(blocks, self.deps, name)
         try:
@@ -208,6 +218,9 @@ class Network(nn.Module):
             raise LayerwiseError(
                 f"{self.name}: the head block '{self.head}' (the last block) outputs shape {head_shape}, but the "
                 f"dataset has {self.num_classes} classes: set its out to {self.num_classes}")
+        if self.stream_spec is not None:
+            maker = self.stream_spec.build(StreamInfo(input_shape, self.num_classes))
+            self.stream_maker = maker.to(device) if device is not None else maker
         for block in self.blocks.values():
             if block.freeze:
                 block.requires_grad_(False)
@@ -236,11 +249,27 @@ class Network(nn.Module):
                     torch.device("cpu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The logits of the head for a batch ``x``."""
+        """Class scores for a batch ``x``: the head's logits, unless the stream maker predicts."""
+        if not self.materialized:
+            self.materialize(x.shape[1:], x.device, x.dtype)
+        if self.stream_maker is not None:
+            scores = self.stream_maker.predict(self, x)
+            if scores is not None:
+                return scores
         return self.run(x).logits
 
+    def make_streams(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This batch's extra streams (empty without a stream maker), made without gradient."""
+        if not self.materialized:
+            self.materialize(x.shape[1:], x.device, x.dtype)
+        if self.stream_maker is None:
+            return {}
+        with torch.no_grad():
+            return check_streams(self.stream_maker.make(x, y, self), self.stream_maker, x)
+
     def run(self, x: torch.Tensor, on_output: OnOutput | None = None, *, blocks: Sequence[str] | None = None,
-            given: dict[str, torch.Tensor] | None = None) -> GraphOutput:
+            given: dict[str, torch.Tensor] | None = None, streams: dict[str, torch.Tensor] | None = None
+            ) -> GraphOutput:
         """Run every block in order.
 
         ``on_output(name, block_input, block_output)``, when given, sees each block's output as
@@ -248,31 +277,45 @@ class Network(nn.Module):
         on. Outputs are then dropped as soon as their last reader has run, so memory need not
         grow with depth; ``inputs`` and ``outputs`` of the result stay empty.
 
+        ``streams`` (:meth:`make_streams`) are carried through the same blocks, one forward per
+        stream; each enters every block detached, so no loss on a stream reaches an earlier
+        block. With streams, ``on_output`` gets a fourth argument: ``{stream: block output}``.
+
         ``blocks`` runs only those blocks (in evaluation order: a pipeline stage's), reading the
         outputs of earlier blocks from ``given``; ``logits`` is then None unless the head ran.
         """
         if not self.materialized:
             self.materialize(x.shape[1:], x.device, x.dtype)
         values = {INPUT: x, **(given or {})}
+        side = {stream: {INPUT: tensor} for stream, tensor in (streams or {}).items()}
         readers_left = dict(self.reader_counts)
         inputs: dict[str, torch.Tensor] = {}
         outputs: dict[str, torch.Tensor] = {}
+        stream_outputs: dict[str, dict[str, torch.Tensor]] = {stream: {} for stream in side}
         for name in self.order if blocks is None else blocks:
             block = self.blocks[name]
             value = merge([values[src] for src in self.deps[name]])
             if block.detach:
                 value = value.detach()
             out = block(value)
+            outs = {stream: block(merge([held[src] for src in self.deps[name]]).detach())
+                    for stream, held in side.items()}
             if on_output is None:
                 inputs[name], outputs[name] = value, out
+                for stream, tensor in outs.items():
+                    stream_outputs[stream][name] = tensor
             else:
-                out = on_output(name, value, out)
+                out = on_output(name, value, out, outs) if side else on_output(name, value, out)
                 for src in self.deps[name]:
                     readers_left[src] -= 1
                     if readers_left[src] == 0 and src != self.head:
                         del values[src]
+                        for held in side.values():
+                            del held[src]
             values[name] = out
-        return GraphOutput(inputs, outputs, values.get(self.head))
+            for stream, tensor in outs.items():  # entering the next block detached anyway: free its graph now
+                side[stream][name] = tensor if on_output is None else tensor.detach()
+        return GraphOutput(inputs, outputs, values.get(self.head), stream_outputs)
 
     def global_gradient_blocks(self) -> set[str]:
         """Blocks whose output the global gradient must flow through: those on a path from a
@@ -310,6 +353,27 @@ class Network(nn.Module):
             if not self.blocks[n].local and not self.blocks[n].freeze and (blocks is None or n in blocks)
             for p in self.blocks[n].parameters()
         ]
+
+
+def stream_spec(blocks: list[Block], declared: StreamSpec | None, network: str) -> StreamSpec | None:
+    """The streams a network carries: ``declared``, else those its objectives need; an error when
+    two objectives need different makers, or the declared maker is not the one an objective reads."""
+    needed = {}
+    for block in blocks:
+        maker = getattr(block.spec.cls, "streams", None)
+        if maker is not None:
+            needed.setdefault(maker.name, (maker, block))
+    if declared is not None:
+        for maker_name, (_, block) in needed.items():
+            if maker_name != declared.name:
+                raise LayerwiseError(f"{network}: {block.where}: objective '{block.spec.name}' reads the streams of "
+                                     f"'{maker_name}', but the network's streams are '{declared.name}'")
+        return declared
+    if len(needed) > 1:
+        first, second = [block for _, block in needed.values()][:2]
+        raise LayerwiseError(f"{network}: {second.where}: objective '{second.spec.name}' needs other streams than "
+                             f"{first.where}'s; one network carries the streams of one maker")
+    return default_spec(next(iter(needed.values()))[0]) if needed else None
 
 
 def check_blocks(blocks: list[Block], network: str) -> None:

@@ -39,5 +39,10 @@ def layerwise_register_datasets(registry: Registry) -> None:
 
 
 @hookspec
+def layerwise_register_streams(registry: Registry) -> None:
+    """Register stream makers (layerwise.streams): ``registry.register("name", StreamMakerClass)``."""
+
+
+@hookspec
 def layerwise_register_commands(app: typer.Typer) -> None:
     """Add CLI commands: ``@app.command()`` or ``app.add_typer(sub_app, name="group")`` on a typer app."""

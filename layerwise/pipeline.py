@@ -69,6 +69,8 @@ def check_pipeline_recipe(recipe, stages: int) -> None:
     """Refuse the settings a pipeline cannot run exactly (see the module docstring)."""
     if stages < 2:
         return
+    if recipe.model.streams is not None:
+        raise LayerwiseError(f"model.streams cannot run in {stages} pipeline stages yet; train in one process")
     if recipe.train.on_nonfinite == "skip":
         raise LayerwiseError(f"train.on_nonfinite: skip cannot run in {stages} pipeline stages (each stage would "
                              f"wait for every later one before stepping); use stop, or train in one process")
@@ -138,10 +140,13 @@ class Link:
         try:
             work.wait(self.pipe.timeout)
         except RuntimeError as exc:
-            raise LayerwiseError(
-                f"stage {self.pipe.stage} of {self.pipe.stages}: could not {what} stage {peer} within "
-                f"{self.pipe.timeout.total_seconds():g} s ($LAYERWISE_DIST_TIMEOUT): that stage has stopped, hung or "
-                f"died ({str(exc).splitlines()[0][:120]})") from None
+            me = f"stage {self.pipe.stage} of {self.pipe.stages}"
+            if any(word in str(exc).lower() for word in ("timed out", "timeout")):
+                raise LayerwiseError(
+                    f"{me}: could not {what} stage {peer} within {self.pipe.timeout.total_seconds():g} s "
+                    f"($LAYERWISE_DIST_TIMEOUT): that stage is stopped, hung or much slower") from None
+            raise LayerwiseError(f"{me}: lost its connection to stage {peer} during a {what.split()[0]}: that stage "
+                                 f"has died") from None
 
     def batches(self, stream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, y)`` of each batch of ``stream``, with ``self.received`` holding what the previous

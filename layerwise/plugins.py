@@ -55,10 +55,12 @@ class Registries:
     objectives: Registry
     layers: Registry
     datasets: Registry
+    streams: Registry
 
     def items(self) -> list[tuple[str, Registry]]:
         """(kind, registry) pairs, for listings."""
-        return [("objective", self.objectives), ("layer", self.layers), ("dataset", self.datasets)]
+        return [("objective", self.objectives), ("layer", self.layers), ("dataset", self.datasets),
+                ("stream", self.streams)]
 
 
 def disabled_plugins() -> set[str] | None:
@@ -193,11 +195,12 @@ def plugin_label(name: str) -> str:
 def registries() -> Registries:
     """Registries filled by every plugin's hooks, built on first use."""
     pm = plugin_manager()
-    regs = Registries(Registry("objective"), Registry("layer"), Registry("dataset"))
+    regs = Registries(Registry("objective"), Registry("layer"), Registry("dataset"), Registry("stream maker"))
     calls = [
         ("layerwise_register_objectives", regs.objectives),
         ("layerwise_register_layers", regs.layers),
         ("layerwise_register_datasets", regs.datasets),
+        ("layerwise_register_streams", regs.streams),
     ]
     for _, registry in regs.items():
         registry.note = failure_note

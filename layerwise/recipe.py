@@ -203,10 +203,47 @@ class ModelConfig:
     """The network: sub-networks in order; the last block is the classifier head."""
 
     subnetworks: list[SubnetworkConfig]
+    # Extra streams carried through the blocks beside the data (layerwise/streams.py), by the
+    # stream maker's name and options: {name: ff, negatives: hardest}. Left out, the maker that
+    # the blocks' objectives read (if any), with its defaults: it is then filled in here.
+    streams: str | dict[str, Any] | None = None
+    # The stream maker's typed config, built and validated once, by __post_build__ (not YAML).
+    streams_config: Any = field(default=None, init=False, repr=False, compare=False)
 
     def blocks(self) -> list[BlockConfig]:
         """Every block, in declaration order."""
         return [block for sub in self.subnetworks for block in sub.blocks]
+
+    def __post_build__(self, path: str, problems: Problems) -> None:
+        """The stream maker must be registered, take these options, and be the one the objectives read."""
+        objectives = problems.context.objectives
+        needed = {}  # maker name -> key path of the first block whose objective reads its streams
+        for s, sub in enumerate(self.subnetworks):
+            for b, block in enumerate(sub.blocks):
+                maker = getattr(objectives.get(block.objective_name), "streams", None) \
+                    if block.objective_name in objectives else None
+                if maker is not None:
+                    needed.setdefault(maker.name, join(path, f"subnetworks[{s}].blocks[{b}].objective"))
+        key = join(path, "streams")
+        if self.streams is None:
+            if len(needed) > 1:
+                problems.add(key, f"the objectives read the streams of {' and '.join(sorted(needed))}; one network "
+                                  f"carries one maker's streams")
+                return
+            if not needed:
+                return
+            self.streams = {"name": next(iter(needed))}
+        self.streams_config = named_config(self.streams, key, getattr(problems.context, "streams", {}), problems,
+                                           "the stream maker's name, e.g. ff")
+        name = objective_name(self.streams)
+        for maker, where in needed.items():
+            if maker != name:
+                problems.add(key, f"'{name}' streams, but the objective at {where} reads the streams of '{maker}'")
+
+    @property
+    def streams_name(self) -> str | None:
+        """The stream maker's registered name, or None when the network carries no extra stream."""
+        return None if self.streams is None else objective_name(self.streams)
 
 
 @dataclass
@@ -412,16 +449,22 @@ def objective_name(objective: str | dict) -> str:
 
 def objective_config(objective: str | dict, path: str, objectives, problems: Problems):
     """Build the objective's typed config from a block's ``objective`` entry (None when invalid)."""
-    name = objective_name(objective)
-    name_path = path if isinstance(objective, str) else f"{path}.name"
+    return named_config(objective, path, objectives, problems, "the objective's name, e.g. nhsic")
+
+
+def named_config(entry: str | dict, path: str, registry, problems: Problems, what: str):
+    """Build the typed config of a registered component from ``name`` or ``{name: ..., **options}``
+    (an objective, a stream maker); None when invalid, with the problems recorded."""
+    name = objective_name(entry)
+    name_path = path if isinstance(entry, str) else f"{path}.name"
     if not name:
-        problems.add(name_path, "required key is missing (the objective's name, e.g. nhsic)")
+        problems.add(name_path, f"required key is missing ({what})")
         return None
-    if name not in objectives:
-        problems.add(name_path, objectives.unknown_message(name))
+    if name not in registry:
+        problems.add(name_path, registry.unknown_message(name))
         return None
-    options = {} if isinstance(objective, str) else {k: v for k, v in objective.items() if k != "name"}
-    return build(objectives.get(name).Config, options, path, problems)
+    options = {} if isinstance(entry, str) else {k: v for k, v in entry.items() if k != "name"}
+    return build(registry.get(name).Config, options, path, problems)
 
 
 def check_graph(recipe: Recipe, paths: dict[str, str], problems: Problems) -> None:

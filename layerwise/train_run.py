@@ -373,8 +373,9 @@ def run_epochs(
     except (KeyboardInterrupt, TrainingInterrupted):  # a second Ctrl-C, or the first at a batch boundary
         raise TrainingInterrupted(interrupted_message(run, epoch, saved, session.group)) from None
     except LayerwiseError as exc:
-        nonfinite = recipe.train.on_nonfinite if isinstance(exc, NonFiniteError) else None
-        exc.args = (f"{exc}. {kept_message(run, saved, nonfinite, session.group)}",)
+        if run is not None:  # a pipeline's other stages do not know the folder: the launcher's line names it
+            nonfinite = recipe.train.on_nonfinite if isinstance(exc, NonFiniteError) else None
+            exc.args = (f"{exc}. {kept_message(run, saved, nonfinite, session.group)}",)
         raise
     if not quiet:
         stdout.print(epoch_table(history))

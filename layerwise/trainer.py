@@ -244,6 +244,9 @@ class Trainer:
     def set_up(self) -> None:
         """Sort the parameters by the loss that trains them and make the optimizers (once)."""
         graph, group = self.graph, self.group
+        if group is not None and graph.stream_maker is not None:
+            raise LayerwiseError(f"model.streams ('{graph.stream_maker.name}') cannot train in several processes yet; "
+                                 f"train in one process")
         if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
             use_global_batch_norm(graph, group.process_group)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
@@ -300,7 +303,8 @@ class Trainer:
         return rates
 
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor, given: dict[str, torch.Tensor] | None = None,
-                          publish: Callable[[str, torch.Tensor], None] | None = None) -> StepResult:
+                          publish: Callable[[str, torch.Tensor], None] | None = None, *,
+                          streams: dict[str, torch.Tensor] | None = None) -> StepResult:
         """One forward pass; each local block's loss goes backward into its own parameters as
         soon as the block's output exists, then the global loss into the ``none`` blocks.
 
@@ -310,13 +314,20 @@ class Trainer:
         In a pipeline stage, ``given`` holds the outputs of earlier stages' blocks that this
         stage reads, and ``publish(name, output)`` is called with each block output as soon as
         it exists, before its local loss, so a later stage can start on it (layerwise.pipeline).
+
+        A network with a stream maker (layerwise.streams) carries this batch's streams (made
+        here, unless ``streams`` gives them) through every block; each local objective sees its
+        block's output on each stream as ``ctx.streams``, and the global loss reads the data only.
         """
         group = self.group
         x_all, y_all = (x, y) if group is None else (group.gather(x), group.gather(y))
         ctx = LossContext(x=x_all, y=y_all, num_classes=self.num_classes, kernels=KernelCache())
         result = StepResult(block_metrics={})
+        if streams is None:
+            streams = self.graph.make_streams(x, y)
 
-        def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        def train_block(name: str, block_input: torch.Tensor, z: torch.Tensor,
+                        stream_outputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
             if publish is not None:
                 publish(name, z)
             # (torch.linalg.vector_norm(z, inf) reads the same but is 15 times slower on the CPU)
@@ -324,7 +335,7 @@ class Trainer:
             block = self.graph.blocks[name]
             if not block.local or block.freeze:
                 return z
-            ctx.block_input = block_input
+            ctx.block_input, ctx.block, ctx.streams = block_input, block, stream_outputs or {}
             z_loss = z
             if group is not None:
                 ctx.block_input = x_all if block_input is x else group.gather_with_grad(block_input)
@@ -348,7 +359,7 @@ class Trainer:
             return z if keep else z.detach()
 
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.graph.run(x, on_output=train_block, blocks=self.stage, given=given).logits
+            logits = self.graph.run(x, on_output=train_block, blocks=self.stage, given=given, streams=streams).logits
         if logits is None:  # a pipeline stage before the head: no global loss here
             if group is not None:
                 self.sum_over_ranks(result)

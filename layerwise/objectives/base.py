@@ -47,7 +47,10 @@ class LossContext:
     """Everything a local loss may read about the current batch.
 
     ``x`` is the network's input batch as the network saw it (noise included), ``y`` the
-    integer labels. ``kernels`` is shared by every block of the batch.
+    integer labels. ``kernels`` is shared by every block of the batch. ``streams`` holds the
+    block's output for each extra stream of the network (:mod:`layerwise.streams`), with
+    gradients into the block; ``block`` is the block itself, so an objective can run it on
+    another input with gradients (``ctx.block(other)``).
     """
 
     x: torch.Tensor
@@ -55,6 +58,8 @@ class LossContext:
     num_classes: int
     block_input: torch.Tensor | None = None
     kernels: KernelCache = field(default_factory=KernelCache)
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)
+    block: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +88,10 @@ class Objective(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = EmptyConfig
     local: ClassVar[bool] = True
+    # The StreamMaker class whose streams loss() reads from ctx.streams (layerwise.streams), or None.
+    # A network with such an objective carries that maker's streams, with its default options
+    # unless the recipe's model.streams (or Network(streams=...)) configures it.
+    streams: ClassVar[type | None] = None
 
     def __init__(self, config: Any, info: BlockInfo):
         super().__init__()
