@@ -19,6 +19,8 @@ head, on MNIST at batch 256.
   launcher, torchrun, and the workers, recognised by ``LOCAL_RANK`` in their environment),
   polled every 50 ms, for depths 8, 16 and 32 in one process and in 2 and 4 stages; and that of
   an idle process that only imported torch and layerwise, the share every process pays anyway.
+  (``--quick`` reads the peaks from the first repeat's speed runs (a), (c) and (d) instead, to
+  save process start-ups.)
 
 Writes ``docs/results/pipeline.json`` (every raw number) and ``docs/results/pipeline.md``.
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from layerwise.atomic import remove_stale_temporaries
 from layerwise.checkpoint import WEIGHTS_FILE, save_checkpoint
@@ -320,6 +321,8 @@ def run_epochs(
             for epoch in range(saved + 1, recipe.train.epochs + 1):
                 session.train_stream.set_epoch(epoch)
                 batches = bars.add_task(f"epoch {epoch} train", total=len(session.train_stream))
+                if pipe is not None:  # stages start the clock together: set-up and saving are not epoch time
+                    dist.barrier()
                 started = time.perf_counter()
                 on_batch = lambda task=batches: bars.advance(task)  # noqa: E731
                 if pipe is None:
@@ -338,6 +341,7 @@ def run_epochs(
                             raise TrainingInterrupted(f"stopped after epoch {epoch}")
                         continue
                     summary, test, val_acc, (weights, optimizers, generators) = epoch_end
+                    train_seconds = max(summary["stage_seconds"])  # the last stage to finish ends the epoch
                 else:
                     # A collective, so every rank takes part; rank 0 saves them all.
                     generators = session.group.generator_states() if session.group is not None else None

@@ -27,7 +27,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The layerwise modules that the shipped plugins (and the plugin guide) may import: the public API.
 PUBLIC_MODULES = {"layerwise", "layerwise.objectives.base", "layerwise.errors", "layerwise.testing",
-                  "layerwise.data"}
+                  "layerwise.streams", "layerwise.data"}
 
 
 def real_mnist_present() -> bool:

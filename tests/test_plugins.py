@@ -301,6 +301,28 @@ def test_hook_layerwise_register_layers_adds_a_layer_with_inferred_shapes(fresh_
         assert rows_by_name(cli)["scale-plugin"]["layers"] == ["scale"]
 
 
+def test_hook_layerwise_register_streams_adds_a_stream_maker_recipes_name(fresh_plugins, cli):
+    from layerwise.streams import StreamMaker
+
+    class Twice(StreamMaker):
+        name = "twice"
+        names = ("double",)
+
+        def make(self, x, y, network):
+            return {"double": 2 * x}
+
+    plugin = types.SimpleNamespace(layerwise_register_streams=hookimpl(
+        lambda registry: registry.register(Twice.name, Twice)))
+    with use_plugin(plugin, name="twice-plugin"):
+        data = tiny_recipe()
+        data["model"]["streams"] = {"name": "twice"}
+        graph = network_from_recipe(parse_recipe(data, "r.yaml"), (1, 28, 28), 10)
+        x = torch.randn(3, 1, 28, 28)
+        out = graph.run(x, streams=graph.make_streams(x, torch.zeros(3, dtype=torch.int64)))
+        torch.testing.assert_close(out.streams["double"]["hsic1"], graph.blocks["hsic1"](2 * x))
+        assert rows_by_name(cli)["twice-plugin"]["streams"] == ["twice"]
+
+
 def tiny_dataset_spec():
     from layerwise.data import DatasetSpec
 

@@ -111,14 +111,33 @@ def batch(seed=1):
     return x, y
 
 
+@pytest.fixture(autouse=True)
+def same_streams(monkeypatch):
+    """An objective that reads streams (layerwise.streams) may get random negatives: the trainer's
+    step and the reference pass draw the same ones."""
+    made = lw.Network.make_streams
+
+    def seeded(self, x, y):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            return made(self, x, y)
+
+    monkeypatch.setattr(lw.Network, "make_streams", seeded)
+
+
 def reference_losses(graph, x, y):
-    """A fresh forward pass: each local block's loss, and the global cross-entropy."""
+    """A fresh forward pass: each local block's loss, and the global cross-entropy.
+
+    Each stream (layerwise.streams) gets a forward pass of its own with gradients through every
+    block, unlike training, where it enters each block detached: a leak would then show."""
     out = graph.run(x)
+    flows = {stream: graph.run(tensor).outputs for stream, tensor in graph.make_streams(x, y).items()}
     losses = {}
     for name in graph.order:
         blk = graph.blocks[name]
         if blk.local:
-            ctx = LossContext(x=x, y=y, num_classes=NUM_CLASSES, block_input=out.inputs[name])
+            ctx = LossContext(x=x, y=y, num_classes=NUM_CLASSES, block_input=out.inputs[name], block=blk,
+                              streams={stream: outputs[name] for stream, outputs in flows.items()})
             losses[name], _ = blk.objective.loss(out.outputs[name], ctx)
     return losses, nn.functional.cross_entropy(out.logits, y)
 
