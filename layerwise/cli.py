@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -104,7 +103,7 @@ def train(
         overrides = [*(overrides or []), "train.tensorboard=true"]
     for option, value in (("--nproc", nproc), ("--stages", stages)):
         if value is not None and value < 1:
-            raise LayerwiseError(f"{option}: expected a number of processes >= 1, found {value}")
+            raise LayerwiseError(f"{option}: expected a number >= 1, found {value}")
         if value is not None and launched_world_size() > 1:
             raise LayerwiseError(f"{option} inside torchrun would start processes within each process; "
                                  "give it to the first command only")
@@ -123,11 +122,10 @@ def train(
             # Checked here, once, so a mistake is one line instead of one failure per worker.
             check_batch_divides(parsed.data.batch_size, nproc or 1)
             if stages > 1:
-                from layerwise.pipeline import STAGES_ENV, check_pipeline_recipe, check_stages
+                from layerwise.pipeline import check_pipeline_recipe, check_stages
 
                 check_pipeline_recipe(parsed, stages)
                 check_stages(parsed, stages)
-                os.environ[STAGES_ENV] = str(stages)  # the workers inherit it: a resume may change the count
             if parsed.train.tensorboard:
                 from layerwise.tensorboard_log import require_tensorboard
 

@@ -87,6 +87,9 @@ evaluates and saves while the others wait in a collective), and short enough to 
 LAUNCHER_PID_ENV = "LAYERWISE_LAUNCHER_PID"
 """Set by :func:`launch` for torchrun, and by torchrun's wrapper for its workers: their parent's pid."""
 
+STAGES_ENV = "LAYERWISE_STAGES"
+"""Set by :func:`launch` for the workers: the pipeline's stage count (1: no pipeline)."""
+
 REPORT_ENV = "LAYERWISE_LAUNCH_REPORT"
 """Where torchrun's wrapper writes which rank failed first, for :func:`launch` to say it in one line."""
 
@@ -396,7 +399,8 @@ def launch(nproc: int, args: list[str], stages: int = 1) -> int:
     run_before = launched_run(args)
     with tempfile.TemporaryDirectory(prefix="layerwise-launch-") as folder:
         report = Path(folder) / "failure.json"
-        env = {**os.environ, REPORT_ENV: str(report), LAUNCHER_PID_ENV: str(os.getpid())}
+        # The stage count goes to the workers only: it may differ from the recipe's on a resume.
+        env = {**os.environ, REPORT_ENV: str(report), LAUNCHER_PID_ENV: str(os.getpid()), STAGES_ENV: str(stages)}
         process = subprocess.Popen(command, env=env)
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:

@@ -49,14 +49,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from layerwise.distributed import Group
+from layerwise.distributed import STAGES_ENV, Group
 from layerwise.errors import LayerwiseError
 from layerwise.graph import Network
 from layerwise.stages import StagePlan, block_costs, boundary_tensors, describe_plan, plan_stages
 from layerwise.trainer import Trainer, batch_tensors
-
-STAGES_ENV = "LAYERWISE_STAGES"
-"""Set by ``layerwise train --stages N`` for the processes it starts: the stage count."""
 
 
 def requested_stages(recipe_stages: int) -> int:

@@ -253,7 +253,8 @@ def plan_stages(net: Network, n: int, costs: dict[str, float], cuts: Sequence[st
         if len(free) < n - 1:
             first = next(k for k in range(1, blocks) if k not in free)
             raise LayerwiseError(f"{net.name}: cannot cut into {n} stages: only {len(free)} of its {blocks - 1} cuts "
-                                 f"are free, so at most {len(free) + 1} stages are possible; "
+                                 f"{'is' if len(free) == 1 else 'are'} free, so at most {len(free) + 1} stages are "
+                                 f"possible; "
                                  f"{not_free_reason(net, first)}")
         positions = balanced_cuts(net, n, costs, free)
     else:

@@ -146,8 +146,8 @@ def resume_run(
         if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank,
                                                    session.trainer.schedulers(), stage=stages > 1):
             torch.manual_seed(recipe.seed + rank + 1_000_003 * state.epoch)  # a stream no other rank uses
-        session.release_other_blocks()
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
+            session.release_other_blocks()
             return run_epochs(session, None, None, [state.record] if state is not None else [], False, True)
         # Every check has passed, and nothing has changed in the folder: only now is it locked (a
         # refused command must not even add the lock file), and from here on it changes.
@@ -163,6 +163,7 @@ def resume_run(
             history = [r for r in read_metrics(run / METRICS_FILE) if r["epoch"] < state.epoch] + [state.record]
             # The state is written first at each epoch's end: bring the other files up to it.
             save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
+        session.release_other_blocks()  # only now: the checkpoint above needs every block's weights
         log.replace(history)
         session.callbacks = [*loggers, *callbacks]  # the saved epoch is logged before a callback may stop
         if not quiet:
@@ -187,13 +188,16 @@ def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Gro
     if done >= recipe.train.epochs:
         return f"{run} has all {recipe.train.epochs} epochs; nothing to resume"
     processes = 1 if group is None else group.world
+    stages = requested_stages(recipe.train.stages)
     where = f" in {processes} processes" if processes > 1 else ""
     if state is None:
         return f"resuming {run} from epoch 1{where} (no epoch had completed)"
     note = f"resuming {run} after epoch {done} of {recipe.train.epochs}{where}"
-    if state.processes != processes:
-        note += (f"; it was saved by {state.processes} process(es), so the batches' split and any dropout masks "
-                 f"differ from an uninterrupted run")
+    # Pipeline stages do not split the batch (their count changes nothing); data-parallel replicas do.
+    saved_stages = len(state.record.get("stages", [])) or 1
+    if state.processes // saved_stages != processes // stages:
+        note += (f"; it was saved by {state.processes // saved_stages} data-parallel process(es), so the batches' "
+                 f"split and any dropout masks differ from an uninterrupted run")
     return note
 
 

@@ -164,7 +164,7 @@ def test_too_many_stages_are_refused_with_the_reason(hybrid):
         plan_stages(hybrid, 3, costs)
     message = str(info.value)
     assert "\n" not in message
-    assert "only 1 of its 3 cuts are free, so at most 2 stages are possible" in message
+    assert "only 1 of its 3 cuts is free, so at most 2 stages are possible" in message
     assert message.endswith(BP1_CROSSES)
     with pytest.raises(LayerwiseError, match="cannot cut 4 blocks into 5 stages"):
         plan_stages(hybrid, 5, costs)
