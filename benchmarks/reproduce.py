@@ -122,7 +122,7 @@ PHSIC_METHODS = ("hsic", "hybrid", "backprop")
 PHSIC_SELECT_EPOCHS = 5
 # Epochs and seeds of the test runs: fewer on the longest runs, to fit the set in one session of a 2-core CPU.
 PHSIC_EPOCHS = {"mnist": 15, "fashion_mnist": 15, "cifar10": 10}
-PHSIC_SEEDS = {"mnist": 3, "fashion_mnist": 1, "cifar10": 1}
+PHSIC_SEEDS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 1}  # MNIST hsic also has seed 1: see docs/results.md
 HYBRID_DATASETS = ("mnist", "fashion_mnist")
 HYBRID_EPOCHS = 25
 VALIDATION = 10000
