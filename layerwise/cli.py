@@ -76,7 +76,7 @@ def train(
                         "see docs/distributed.md).", show_default=False)] = None,
     stages: Annotated[int | None, typer.Option(
         "--stages", help="Spread the blocks over N processes, one stage of blocks each, pipelined; the weights "
-                         "are those of one process (default: the recipe's train.stages; see docs/distributed.md).",
+                         "are those of one process (default: the recipe's train.stages, or its train.cuts; see docs/distributed.md).",
         show_default=False)] = None,
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Write TensorBoard event files (per-epoch scalars, every block's local metrics, the "
@@ -101,9 +101,9 @@ def train(
                              "started with --tensorboard (train.tensorboard: true in its recipe.yaml)")
     if tensorboard:
         overrides = [*(overrides or []), "train.tensorboard=true"]
-    for option, value in (("--nproc", nproc), ("--stages", stages)):
+    for option, value, what in (("--nproc", nproc, "processes"), ("--stages", stages, "stages")):
         if value is not None and value < 1:
-            raise LayerwiseError(f"{option}: expected a number >= 1, found {value}")
+            raise LayerwiseError(f"{option}: expected a number of {what} >= 1, found {value}")
         if value is not None and launched_world_size() > 1:
             raise LayerwiseError(f"{option} inside torchrun would start processes within each process; "
                                  "give it to the first command only")
@@ -117,7 +117,9 @@ def train(
         else:
             target = [recipe, *(overrides or [])]
             parsed = load_recipe(resolve_recipe_path(recipe), overrides or [])
-        stages = stages if stages is not None else parsed.train.stages
+        from layerwise.pipeline import recipe_stages
+
+        stages = stages if stages is not None else recipe_stages(parsed)
         if (nproc or 1) * stages > 1:
             # Checked here, once, so a mistake is one line instead of one failure per worker.
             check_batch_divides(parsed.data.batch_size, nproc or 1)

@@ -99,6 +99,7 @@ class Link:
         self.dtype = dtype
         self.sending: list[dist.Work] = []
         self.received = Received()
+        self.waiting = 0.0  # seconds spent waiting for a neighbour's send or receive
 
     def tag(self, name: str) -> int:
         """The same number in the sending and the receiving stage: the block's place in the network."""
@@ -134,6 +135,8 @@ class Link:
             self.wait(self.sending.pop(0), "send to", self.pipe.stage + 1)
 
     def wait(self, work: dist.Work, what: str, peer: int) -> None:
+        """Wait for one send or receive, adding the time to :attr:`waiting` (bubbles and communication)."""
+        started = time.perf_counter()
         try:
             work.wait(self.pipe.timeout)
         except RuntimeError as exc:
@@ -144,6 +147,8 @@ class Link:
                     f"($LAYERWISE_DIST_TIMEOUT): that stage is stopped, hung or much slower") from None
             raise LayerwiseError(f"{me}: lost its connection to stage {peer} during a {what.split()[0]}: that stage "
                                  f"has died") from None
+        finally:
+            self.waiting += time.perf_counter() - started
 
     def batches(self, stream) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(x, y)`` of each batch of ``stream``, with ``self.received`` holding what the previous
@@ -290,6 +295,16 @@ class Pipeline:
                 [part["rng"] for part in everyone])
 
 
+def recipe_stages(recipe) -> int:
+    """The stage count a recipe asks for: one more than its named cuts (``train.cuts``), else ``train.stages``."""
+    return len(recipe.train.cuts) + 1 if recipe.train.cuts else recipe.train.stages
+
+
+def named_cuts(recipe, stages: int) -> list[str] | None:
+    """The recipe's named cut points when they make ``stages`` stages, else None (cut automatically)."""
+    return list(recipe.train.cuts) if recipe.train.cuts and len(recipe.train.cuts) + 1 == stages else None
+
+
 def check_stages(recipe, stages: int) -> list[str]:
     """Plan ``recipe``'s network in ``stages`` stages, as its training would, and describe the plan;
     a plan that cannot be made (too few free cuts) raises its one-line error."""
@@ -300,7 +315,7 @@ def check_stages(recipe, stages: int) -> list[str]:
     with torch.random.fork_rng():
         graph = build_model(recipe)
     costs = block_costs(graph, recipe.data.batch_size)
-    return describe_plan(graph, plan_stages(graph, stages, costs), costs)
+    return describe_plan(graph, plan_stages(graph, stages, costs, named_cuts(recipe, stages)), costs)
 
 
 def make_pipeline(graph: Network, recipe, stages: int, device: torch.device, timeout: datetime.timedelta,
@@ -308,7 +323,7 @@ def make_pipeline(graph: Network, recipe, stages: int, device: torch.device, tim
     """This process's stage of ``recipe``'s network cut into ``stages`` balanced stages at free
     cuts; ``group`` spans every process (``stages`` x replicas), in which this one is ``group.rank``."""
     costs = block_costs(graph, recipe.data.batch_size)  # the same in every process: same network, same seed
-    plan = plan_stages(graph, stages, costs)
+    plan = plan_stages(graph, stages, costs, named_cuts(recipe, stages))
     stage, replica, replicas = group.rank % stages, group.rank // stages, group.world // stages
     data_group = None
     if replicas > 1:
@@ -318,21 +333,3 @@ def make_pipeline(graph: Network, recipe, stages: int, device: torch.device, tim
     receives = boundary_tensors(graph, plan.cuts[stage - 1]) if stage > 0 else []
     sends = boundary_tensors(graph, plan.cuts[stage]) if stage < stages - 1 else []
     return Pipeline(stage, stages, plan, receives, sends, device, timeout, replica, replicas, data_group)
-
-
-class StageClock:
-    """Seconds this stage spent computing, as opposed to waiting for its neighbours: the wall time
-    of its steps minus the time spent in waits (measured around :meth:`Link.wait`)."""
-
-    def __init__(self, link: Link):
-        self.waiting = 0.0
-        wait = link.wait
-
-        def timed_wait(*args):
-            started = time.perf_counter()
-            try:
-                wait(*args)
-            finally:
-                self.waiting += time.perf_counter() - started
-
-        link.wait = timed_wait

@@ -300,6 +300,15 @@ class TrainConfig:
     # process trains. Stages are cut where no global gradient crosses; `layerwise validate R.yaml
     # --stages N` shows the cut. `layerwise train --stages N` overrides it, on a resume too.
     stages: int = check(positive, 1)
+    # Named cut points instead: cut after each of these blocks (free cuts only), making one more stage than
+    # there are names; `layerwise train --stages N` with another count cuts automatically instead.
+    cuts: list[str] = field(default_factory=list)
+
+    def __post_build__(self, path: str, problems: Problems) -> None:
+        """Named cuts make len(cuts) + 1 stages: a train.stages that says otherwise is a contradiction."""
+        if self.cuts and self.stages not in (1, len(self.cuts) + 1):
+            problems.add(join(path, "stages"), f"train.cuts names {len(self.cuts)} cut(s), so {len(self.cuts) + 1} "
+                                               f"stages; found stages {self.stages}")
 
 
 @dataclass

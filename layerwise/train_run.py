@@ -27,7 +27,7 @@ from layerwise.errors import CheckpointError, LayerwiseError, NonFiniteError, Tr
 from layerwise.factory import dataset_spec, load_recipe, network_from_recipe
 from layerwise.graph import Network
 from layerwise.interrupt import StopOnInterrupt
-from layerwise.pipeline import Link, Pipeline, StageClock, check_pipeline_recipe, make_pipeline, requested_stages
+from layerwise.pipeline import Link, Pipeline, check_pipeline_recipe, make_pipeline, recipe_stages, requested_stages
 from layerwise.progress import epoch_table, progress_bar, stderr, stdout
 from layerwise.recipe import Recipe
 from layerwise.resume import STATE_FILE, ResumeState, first_difference, load_state, restore_state, save_state
@@ -63,7 +63,6 @@ class Session:
     callbacks: list[EpochCallback] = field(default_factory=list)  # called after each saved epoch, rank 0
     pipeline: Pipeline | None = None  # this process's stage, when the blocks are spread over processes
     link: Link | None = None  # the stage's traffic with its neighbours
-    clock: StageClock | None = None  # the stage's time spent waiting for them
 
     def release_other_blocks(self) -> None:
         """In a pipeline stage, drop the weights of the blocks other stages train (after any resume)."""
@@ -94,7 +93,7 @@ def train_recipe(
     :mod:`layerwise.distributed`); only rank 0 creates and writes the run folder and returns
     its path, the other ranks return None.
     """
-    stages = requested_stages(recipe.train.stages)
+    stages = requested_stages(recipe_stages(recipe))
     with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
           joined(resolve_device(recipe.train.device), recipe.data.batch_size, stages) as group):
         session = prepare(recipe, data_root, group, stages)  # the data first: nothing is created before it is found
@@ -131,7 +130,7 @@ def resume_run(
     """
     run = run_folder_to_resume(run_dir)
     recipe = load_recipe(run / "recipe.yaml")
-    stages = requested_stages(recipe.train.stages)
+    stages = requested_stages(recipe_stages(recipe))
     with (tensorboard_callbacks(recipe) as loggers,  # train.tensorboard: a missing extra fails here, first
           joined(resolve_device(recipe.train.device), recipe.data.batch_size, stages) as group,
           contextlib.ExitStack() as held):
@@ -188,7 +187,7 @@ def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Gro
     if done >= recipe.train.epochs:
         return f"{run} has all {recipe.train.epochs} epochs; nothing to resume"
     processes = 1 if group is None else group.world
-    stages = requested_stages(recipe.train.stages)
+    stages = requested_stages(recipe_stages(recipe))
     where = f" in {processes} processes" if processes > 1 else ""
     if state is None:
         return f"resuming {run} from epoch 1{where} (no epoch had completed)"
@@ -286,7 +285,6 @@ def prepare(recipe: Recipe, data_root: str | Path | None, group: Group | None = 
     session = Session(recipe, device, graph, trainer, train_stream, test_stream, val_stream, group, pipeline=pipe)
     if pipe is not None:
         session.link = Link(pipe, graph)
-        session.clock = StageClock(session.link)
     return session
 
 
@@ -333,13 +331,13 @@ def run_epochs(
                     summary = trainer.train_epoch(session.train_stream, on_batch=on_batch, epoch=epoch,
                                                   should_stop=should_stop)
                 else:  # stages vote on Ctrl-C at the epoch's end only: a vote per batch would stall the pipeline
-                    waited = session.clock.waiting
+                    waited = session.link.waiting
                     summary = pipe.train_epoch(trainer, session.train_stream, session.link, on_batch=on_batch,
                                                epoch=epoch)
                 train_seconds = time.perf_counter() - started
                 bars.remove_task(batches)
                 if pipe is not None:
-                    epoch_end = pipeline_epoch_end(session, summary, train_seconds, session.clock.waiting - waited)
+                    epoch_end = pipeline_epoch_end(session, summary, train_seconds, session.link.waiting - waited)
                     if not session.is_main:
                         if epoch < recipe.train.epochs and stop_requested():
                             raise TrainingInterrupted(f"stopped after epoch {epoch}")

@@ -326,6 +326,16 @@ def test_validate_prints_each_stages_blocks(cli):
     assert any(line.startswith("free cuts: after hsic1; not free: after bp1") for line in lines), result.out
 
 
+def test_named_cuts_place_the_stages_and_must_be_free(cli):
+    result = cli("validate", str(RECIPES / "mnist_hsic.yaml"), "train.cuts=[hsic4]", "--stages", "2")
+    assert result.code == 0, result.err
+    assert any(line.startswith("stage 0: hsic1, hsic2, hsic3, hsic4 (") for line in result.out.splitlines())
+    refused = cli("validate", str(RECIPES / "mnist_hybrid.yaml"), "train.cuts=[bp1]", "--stages", "2")
+    assert refused.code == 2 and "the cut after 'bp1' is not free" in refused.err
+    contradiction = cli("validate", str(RECIPES / "mnist_hsic.yaml"), "train.cuts=[hsic4]", "train.stages=3")
+    assert contradiction.code == 2 and "train.stages: train.cuts names 1 cut(s), so 2 stages" in contradiction.err
+
+
 @pytest.mark.parametrize("command", [["validate", "mnist_hybrid", "--stages", "3"],
                                      ["train", "mnist_hybrid", "--stages", "3"],
                                      ["train", "mnist_hybrid", "train.stages=3"]],
