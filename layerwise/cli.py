@@ -76,7 +76,8 @@ def train(
                         "see docs/distributed.md).", show_default=False)] = None,
     stages: Annotated[int | None, typer.Option(
         "--stages", help="Spread the blocks over N processes, one stage of blocks each, pipelined; the weights "
-                         "are those of one process (default: the recipe's train.stages, or its train.cuts; see docs/distributed.md).",
+                         "are those of one process (default: the recipe's train.stages, or its train.cuts; see "
+                         "docs/distributed.md).",
         show_default=False)] = None,
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Write TensorBoard event files (per-epoch scalars, every block's local metrics, the "
