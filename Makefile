@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 # torch pinned to the builds this project's machines hold on local disk (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 RECIPE ?= recipes/mnist_hybrid.yaml
-# The plugins shipped under plugins/, installed editable: tests and recipes (mnist_localce, mnist_simmatch, mnist_ff) use them.
-PLUGINS := plugins/layerwise-localce plugins/layerwise-simmatch plugins/layerwise-ff
+# The plugins shipped under plugins/, installed editable: tests and recipes (mnist_localce, mnist_simmatch, mnist_ff, mnist_sigprop) use them.
+PLUGINS := plugins/layerwise-localce plugins/layerwise-simmatch plugins/layerwise-ff plugins/layerwise-sigprop
 
 .PHONY: install train test clean
 
