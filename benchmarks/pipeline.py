@@ -53,6 +53,10 @@ CONFIGS = {
     "b": {"label": "one process, 2 threads", "stages": 1, "threads": 2},
     "c": {"label": "2 stages, 1 thread each", "stages": 2, "threads": 1},
     "d": {"label": "4 stages, 1 thread each", "stages": 4, "threads": 1},
+    # Not a way to train one network: two unrelated one-process runs side by side, the most that two
+    # processes of this work can get out of this machine (its cores share caches and memory bandwidth).
+    "e": {"label": "two separate one-process runs at once (the machine's ceiling for 2 processes)", "stages": 1,
+          "threads": 1, "copies": 2},
 }
 POLL_SECONDS = 0.05
 # Large blocks go straight to mmap and back to the OS when freed, so that the peak resident set
@@ -132,6 +136,21 @@ def timed_run(recipe: Path, stages: int, threads: int, work: Path, samples: int,
     return row
 
 
+def timed_copies(recipe: Path, copies: int, work: Path, samples: int) -> dict:
+    """Train ``copies`` one-process, one-thread runs of ``recipe`` at the same time; their samples/s
+    together, over the slowest one's measured epoch."""
+    folders = [Path(tempfile.mkdtemp(prefix="runs-", dir=work)) for _ in range(copies)]
+    commands = [train_command(recipe, 1, folder) for folder in folders]
+    processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                  env=environment(1), cwd=REPO) for command in commands]
+    for process, command in zip(processes, commands, strict=True):
+        if process.wait() != 0:
+            raise RuntimeError(f"exit code {process.returncode}: {' '.join(command)}")
+    seconds = max(read_metrics(run_folder(folder))[-1]["train_seconds"] for folder in folders)
+    return {"samples_per_s": round(copies * samples / seconds, 1), "epoch_seconds": seconds,
+            "weights": str(run_folder(folders[0]) / "model.safetensors")}
+
+
 def same_weights(path: Path, reference: Path) -> bool:
     """Whether every tensor of two checkpoints is equal, bit for bit (and they hold the same names)."""
     from safetensors.torch import load_file
@@ -146,7 +165,10 @@ def measure_speed(args, work: Path) -> dict:
     for repeat in range(args.repeats):
         for name, config in CONFIGS.items():
             watch = args.quick and repeat == 0 and config["threads"] == 1 and not args.skip_memory
-            row = timed_run(recipe, config["stages"], config["threads"], work, args.train_limit, watch)
+            if config.get("copies"):
+                row = timed_copies(recipe, config["copies"], work, args.train_limit)
+            else:
+                row = timed_run(recipe, config["stages"], config["threads"], work, args.train_limit, watch)
             runs[name].append(row)
             print(f"repeat {repeat + 1}/{args.repeats} ({name}) {config['label']}: "
                   f"{row['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
@@ -159,7 +181,7 @@ def measure_speed(args, work: Path) -> dict:
     configurations = {}
     for name, config in CONFIGS.items():
         median = statistics.median(r["samples_per_s"] for r in runs[name])
-        configurations[name] = {**config, "processes": config["stages"],
+        configurations[name] = {**config, "processes": config.get("copies", config["stages"]),
                                 "oversubscribed": config["stages"] * config["threads"] > cores,
                                 "median_samples_per_s": round(median, 1), "vs_a": round(median / base, 3),
                                 "weights_identical": all(r["weights_identical"] for r in runs[name]),
@@ -326,7 +348,7 @@ def markdown(result: dict) -> list[str]:
             label = c["label"] + (f" (oversubscribed: {c['processes'] * c['threads']} threads on {speed['cores']} "
                                   "cores)" if c["oversubscribed"] else "")
             same = "reference" if name == "a" else yes_no(c["weights_identical"])
-            if c["stages"] == 1 and name != "a":
+            if c["stages"] == 1 and name != "a" and not c["weights_identical"]:
                 same += " (threads may change the order of sums)"
             lines.append(f"| ({name}) {label} | {c['processes']} x {c['threads']} | {c['median_samples_per_s']:.1f} "
                          f"| {c['vs_a']:.2f} | {same} |")
