@@ -321,8 +321,10 @@ class Group:
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module) -> None:
         """Give every rank rank 0's parameters and buffers (seeding already should; this makes sure)."""
+        # The group's first process: rank 0 of all, or its global rank within a sub-group.
+        source = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
         for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, group_src=0, group=self.process_group)
+            dist.broadcast(tensor.data, src=source, group=self.process_group)
 
 
 @contextlib.contextmanager

@@ -195,8 +195,8 @@ def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Gro
     # Pipeline stages do not split the batch (their count changes nothing); data-parallel replicas do.
     saved_stages = len(state.record.get("stages", [])) or 1
     if state.processes // saved_stages != processes // stages:
-        note += (f"; it was saved by {state.processes // saved_stages} data-parallel process(es), so the batches' "
-                 f"split and any dropout masks differ from an uninterrupted run")
+        note += (f"; it was saved by {state.processes // saved_stages} process(es), so the batches' split and any "
+                 f"dropout masks differ from an uninterrupted run")
     return note
 
 

@@ -198,7 +198,7 @@ def check_clean(result) -> None:
         assert result.out.startswith("ok:"), result.out
 
 
-@settings(max_examples=500, deadline=None, derandomize=True, database=None,
+@settings(max_examples=250, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=cases())
 def test_validate_never_shows_a_traceback(cli, tmp_path, case):
@@ -306,16 +306,17 @@ def finished_run(tmp_path, monkeypatch) -> Path:
     return make_finished_run(tmp_path / "pristine" / "tiny-20260101-000000")
 
 
-FUZZ_500 = settings(max_examples=500, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-"""The crafted-file fuzzes: 500 cases each, reproducible, for a fixture-scoped finished run."""
+FUZZ_CASES = settings(max_examples=250, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+"""The crafted-file fuzzes: 250 cases each (the suite must stay under 10 minutes), reproducible, for a
+fixture-scoped finished run."""
 
 
 def fresh_copy(finished_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished_run, Path(tempfile.mkdtemp(dir=tmp_path)) / finished_run.name))
 
 
-@FUZZ_500
+@FUZZ_CASES
 @given(data=st.data())
 def test_crafted_checkpoint_metadata_never_shows_a_traceback(cli, tmp_path, finished_run, data):
     run = fresh_copy(finished_run, tmp_path)
@@ -326,7 +327,7 @@ def test_crafted_checkpoint_metadata_never_shows_a_traceback(cli, tmp_path, fini
     shutil.rmtree(run.parent)
 
 
-@FUZZ_500
+@FUZZ_CASES
 @given(data=st.data())
 def test_crafted_resume_states_never_show_a_traceback_or_change_the_run(cli, tmp_path, finished_run, data):
     run = fresh_copy(finished_run, tmp_path)
