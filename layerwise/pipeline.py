@@ -279,7 +279,8 @@ class Pipeline:
     def gather_state(self, graph: Network, trainer: Trainer) -> tuple[dict, dict, list[torch.Tensor]] | None:
         """The whole network's state dict, every optimizer's state dict (in one process's order)
         and every stage's generator state, on rank 0; None elsewhere."""
-        own = {key: t.detach().cpu() for key, t in graph.state_dict().items() if t.device.type != "meta"}
+        state = graph.state_dict()
+        own = {key: t.detach().cpu() for key, t in state.items() if t.device.type != "meta"}
         optimizers = {name: opt.state_dict() for name, opt in trainer.optimizers().items()}
         everyone = self.gather({"weights": own, "optimizers": optimizers, "rng": torch.get_rng_state()})
         if not self.is_main:
@@ -289,7 +290,7 @@ class Pipeline:
         for part in everyone[:self.stages]:  # the replicas hold the same weights and moments
             weights.update(part["weights"])
             states.update(part["optimizers"])
-        order = [key for key in graph.state_dict()]  # one process's key order
+        order = list(state)  # one process's key order
         names = [f"local.{b.name}" for b in graph.local_blocks()] + ["global"]
         return ({key: weights[key] for key in order}, {name: states[name] for name in names if name in states},
                 [part["rng"] for part in everyone])

@@ -18,16 +18,13 @@ then use instead of the head's logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from layerwise.errors import LayerwiseError
 from layerwise.objectives.base import EmptyConfig
-
-if TYPE_CHECKING:
-    from layerwise.graph import Network
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ class StreamMaker(nn.Module):
         self.config = config
         self.info = info
 
-    def make(self, x: torch.Tensor, y: torch.Tensor, network: Network) -> dict[str, torch.Tensor]:
+    def make(self, x: torch.Tensor, y: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
         """This batch's streams: ``{name: tensor shaped like x}``, one per entry of ``names``.
 
         Called once per training batch, without gradient, before the forward pass; ``network``
@@ -63,7 +60,7 @@ class StreamMaker(nn.Module):
         """
         raise NotImplementedError
 
-    def predict(self, network: Network, x: torch.Tensor) -> torch.Tensor | None:
+    def predict(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Class scores ``(batch, num_classes)`` for a test batch, or None to use the head's logits."""
         return None
 
