@@ -222,6 +222,24 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def signal_stage_1(launcher, runs, sig: int, timeout: float):
+    """Once epoch 1 is saved, send ``sig`` to stage 1's worker; return the launcher's stderr, the
+    seconds it took to end after the signal, and the processes of its tree still alive then."""
+    tree: dict[int, str | None] = {}
+    try:
+        victim = stage_process(launcher, 1)
+        wait_for_epochs(runs, launcher, 1)
+        tree = snapshot(launcher)  # the launcher, torchrun and both stages
+        assert victim in tree and len(tree) >= 4, tree
+        os.kill(victim, sig)
+        signalled = time.monotonic()
+        _, err = launcher.communicate(timeout=timeout)
+        return err, time.monotonic() - signalled, still_running(tree)
+    finally:
+        launcher.kill()
+        release(tree)
+
+
 @pytest.mark.integration
 def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, reference, mnist_available):
     from layerwise.resume import STATE_FILE, load_state
@@ -229,20 +247,7 @@ def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, re
     expected = reference(*HSIC)
     runs = tmp_path / "runs"
     launcher = start_train(*HSIC, "--stages", "2", "--runs-dir", "runs", cwd=tmp_path)
-    tree: dict[int, str | None] = {}
-    try:
-        victim = stage_process(launcher, 1)
-        wait_for_epochs(runs, launcher, 1)
-        tree = snapshot(launcher)  # the launcher, torchrun and both stages
-        assert victim in tree and len(tree) >= 4, tree
-        os.kill(victim, signal.SIGKILL)  # in epoch 2 (8 batches and the test set to go)
-        killed = time.monotonic()
-        _, err = launcher.communicate(timeout=60)
-        took = time.monotonic() - killed
-        left = still_running(tree)
-    finally:
-        launcher.kill()
-        release(tree)
+    err, took, left = signal_stage_1(launcher, runs, signal.SIGKILL, timeout=60)  # in epoch 2
     assert launcher.returncode == 128 + signal.SIGKILL, err[-3000:]
     assert took < 60
     assert left == [], "every process of the run ended with it"
@@ -277,21 +282,9 @@ def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, re
 def test_a_stopped_stage_times_the_run_out(tmp_path, mnist_available):
     runs = tmp_path / "runs"
     launcher = start_train(*HSIC, "--stages", "2", "--runs-dir", "runs", cwd=tmp_path, LAYERWISE_DIST_TIMEOUT="10")
-    tree: dict[int, str | None] = {}
-    try:
-        victim = stage_process(launcher, 1)
-        wait_for_epochs(runs, launcher, 1)
-        tree = snapshot(launcher)
-        assert victim in tree and len(tree) >= 4, tree
-        os.kill(victim, signal.SIGSTOP)  # hung: its sockets stay open, only the timeout can tell
-        stopped = time.monotonic()
-        # 10 s for stage 0 to give up, then up to 30 s for torchrun's SIGTERM before its SIGKILL
-        _, err = launcher.communicate(timeout=90)
-        took = time.monotonic() - stopped
-        left = still_running(tree)
-    finally:
-        launcher.kill()
-        release(tree)
+    # Hung: its sockets stay open, only the timeout can tell. 10 s for stage 0 to give up, then up to
+    # 30 s for torchrun's SIGTERM before its SIGKILL.
+    err, took, left = signal_stage_1(launcher, runs, signal.SIGSTOP, timeout=90)
     assert launcher.returncode not in (0, None), err[-3000:]
     assert took < 90
     assert left == [], "every process of the run ended with it"
