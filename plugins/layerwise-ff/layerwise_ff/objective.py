@@ -8,15 +8,21 @@ threshold fits every width) and ``theta`` the threshold,
     loss = softplus(sharpness * (theta - g_pos)) + softplus(sharpness * (g_neg - theta)),
 
 averaged over the batch: the logistic loss of ``sigmoid(g - theta)`` being the probability that
-the data is positive. The positive and negative data are the ``ff`` streams
-(:mod:`layerwise_ff.streams`), which the network carries through every layer; the data stream
-(the plain image) trains only the optional linear head.
+the data is positive (``loss: logistic``). ``loss: symba`` is the symmetric loss of Lee and Song
+(2023, "SymBa"), ``softplus(sharpness * (g_neg - g_pos))`` on each pair of a positive and its
+negative: it rewards only the gap between them, so it has no threshold for the biases to reach
+without looking at the label, and it learns faster (their recommended sharpness is 4).
+
+The positive and negative data are the ``ff`` streams (:mod:`layerwise_ff.streams`), which the
+network carries through every layer; the data stream (the plain image) trains only the optional
+linear head.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,10 +35,14 @@ from layerwise_ff.streams import FFStreams
 class FFConfig:
     """Options of ``ff``."""
 
+    # logistic: Hinton's loss, each stream against the threshold; symba: the positive's goodness
+    # against its own negative's (the threshold is then unused).
+    loss: Literal["logistic", "symba"] = "logistic"
     # Goodness per unit that separates positive from negative data; 2.0 is the value of the
     # widely used PyTorch reproduction (mohammadpz/pytorch_forward_forward) for mean squares.
     threshold: float = 2.0
-    # Slope of the logistic loss around the threshold; 1 is Hinton's plain logistic.
+    # Slope of the logistic loss (around the threshold, or around a zero gap with symba); 1 is
+    # Hinton's plain logistic, 4 is SymBa's choice.
     sharpness: float = 1.0
 
     def __post_build__(self, path: str, problems) -> None:
@@ -59,12 +69,16 @@ class ForwardForward(Objective):
         return z.flatten(1).pow(2).sum(dim=1)
 
     def loss(self, z: torch.Tensor, ctx: LossContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The logistic loss of positive goodness above the threshold and negative below it."""
+        """Positive goodness above the threshold and negative below it (logistic), or above its
+        negative's (symba)."""
         cfg = self.config
         pos = self.goodness(ctx.streams["pos"]) / self.width
         neg = self.goodness(ctx.streams["neg"]) / self.width
-        loss = (nn.functional.softplus(cfg.sharpness * (cfg.threshold - pos))
-                + nn.functional.softplus(cfg.sharpness * (neg - cfg.threshold))).mean()
+        if cfg.loss == "symba":
+            loss = nn.functional.softplus(cfg.sharpness * (neg - pos)).mean()
+        else:
+            loss = (nn.functional.softplus(cfg.sharpness * (cfg.threshold - pos))
+                    + nn.functional.softplus(cfg.sharpness * (neg - cfg.threshold))).mean()
         separated = (pos > neg).to(pos.dtype).mean()  # how often the true label wins over the negative
         return loss, {"loss": loss.detach(), "pos": pos.mean().detach(), "neg": neg.mean().detach(),
                       "acc": separated.detach()}
