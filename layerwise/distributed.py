@@ -181,6 +181,30 @@ class GatherWithGrad(torch.autograd.Function):
         return grad_all.narrow(0, ctx.rank * ctx.rows, ctx.rows), None, None, None
 
 
+class ShardedBlock(nn.Module):
+    """A block as a local loss sees it in a data-parallel rank (``ctx.block``).
+
+    The loss is computed on the global batch, identically on every rank, and each rank's gradient
+    keeps only its own rows before the ranks' gradients are summed. Running the whole block on a
+    gathered input would give every rank the full gradient of that term, counted ``world`` times
+    in the sum; so this runs the block on this rank's share of the input's first dimension and
+    gathers the outputs with :class:`GatherWithGrad`, exactly like the block's own output.
+    """
+
+    def __init__(self, block: nn.Module, group: Group):
+        super().__init__()
+        self.block = block
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world = self.group.world
+        if x.shape[0] % world:
+            raise LayerwiseError(f"in {world} processes, an objective's ctx.block(...) runs each process's share "
+                                 f"of its input's first dimension, which must divide by {world}; found {x.shape[0]}")
+        share = x.tensor_split(world)[self.group.rank]
+        return self.group.gather_with_grad(self.block(share))
+
+
 class AllReduceSum(torch.autograd.Function):
     """The sum over ranks of ``tensor``, differentiable: the backward sums the gradient over ranks.
 

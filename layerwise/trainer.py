@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from layerwise.distributed import Group, use_global_batch_norm
+from layerwise.distributed import Group, ShardedBlock, use_global_batch_norm
 from layerwise.errors import LayerwiseError, RecipeError, TrainingInterrupted
 from layerwise.graph import Network
 from layerwise.nonfinite import Key, NonFiniteWatch
@@ -244,9 +244,6 @@ class Trainer:
     def set_up(self) -> None:
         """Sort the parameters by the loss that trains them and make the optimizers (once)."""
         graph, group = self.graph, self.group
-        if group is not None and graph.stream_maker is not None:
-            raise LayerwiseError(f"model.streams ('{graph.stream_maker.name}') cannot train in several processes yet; "
-                                 f"train in one process")
         if group is not None:  # batch statistics over the global batch, before optimizers see the parameters
             use_global_batch_norm(graph, group.process_group)
         # An objective's own modules (an auxiliary head) act after the gather, on the whole batch.
@@ -337,8 +334,10 @@ class Trainer:
                 return z
             ctx.block_input, ctx.block, ctx.streams = block_input, block, stream_outputs or {}
             z_loss = z
-            if group is not None:
+            if group is not None:  # the loss sees the global batch; each rank's gradient keeps its own rows
                 ctx.block_input = x_all if block_input is x else group.gather_with_grad(block_input)
+                ctx.block = ShardedBlock(block, group)
+                ctx.streams = {stream: group.gather_with_grad(out) for stream, out in ctx.streams.items()}
                 z_loss = group.gather_with_grad(z)
             try:
                 loss, metrics = block.objective.loss(z_loss, ctx)

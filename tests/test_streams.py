@@ -120,11 +120,11 @@ HYBRID = [blk("bp0"), blk("c1", "contrast"), blk("bp2"), blk("c3", "contrast"),
           {"name": "head", "layer": "linear", "out": NUM_CLASSES}]
 
 
-def build(blocks=HYBRID, streams=None, seed=0):
+def build(blocks=HYBRID, streams=None, seed=0, group=None):
     parsed = parse_recipe(recipe(blocks, streams), "streams.yaml")
     torch.manual_seed(seed)
     graph = network_from_recipe(parsed, INPUT_SHAPE, NUM_CLASSES).double()
-    return graph, Trainer.from_recipe(graph, parsed), parsed
+    return graph, Trainer.from_recipe(graph, parsed, group=group), parsed
 
 
 def batch(seed=1):
@@ -226,6 +226,52 @@ def test_a_maker_that_breaks_its_contract_is_named():
     graph.stream_maker.make = lambda x, y, network: {"neg": x}
     with pytest.raises(LayerwiseError, match=r"stream maker 'flip': make\(\) must return a dict with the streams"):
         trainer.step(*batch())
+
+
+# Run by torchrun in each rank: its half of the batch through the real trainer, its gradients to a file.
+RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from layerwise.distributed import Group
+from layerwise.testing import use_plugin
+from tests.helpers import gradients
+from tests.test_streams import Plugin, batch, build
+
+dist.init_process_group("gloo")
+group = Group(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+with use_plugin(Plugin, name="streams-test"):
+    graph, trainer, _ = build(group=group)
+    x, y = (t.tensor_split(group.world)[group.rank] for t in batch())
+    trainer.compute_gradients(x, y)
+torch.save(gradients(graph), f"{sys.argv[1]}/rank{group.rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_compute_the_stream_gradients_of_one_process(tmp_path):
+    """Data parallelism with streams and block access: each rank makes the streams of its half of
+    the batch, the local losses see every rank's stream outputs, and ``ctx.block`` runs on each
+    rank's share only (run whole on every rank, its gradient would be counted twice in the sum)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, gradients
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    graph, trainer, _ = build()
+    trainer.compute_gradients(*batch())
+    expected = gradients(graph)
+    assert {"blocks.c1.body.0.weight", "blocks.c3.body.0.weight"} <= set(expected)  # the stream-reading blocks
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_pipelines_refuse_streams():
