@@ -160,7 +160,7 @@ def eval_command(
                               "protocol); normalized: after normalisation, not clipped (the authors' notebook). "
                               "pixel by default whatever space the run trained in, so that reports of different "
                               "runs compare; normalized reports go to RUN/eval/noise-normalized-*.json, apart from "
-                              "the pixel ones that compare and plot read.")] = "pixel",
+                              "the pixel ones (compare and plot show each space apart).")] = "pixel",
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 1000,
     runs_dir: RunsOpt = Path("runs"),
@@ -307,8 +307,9 @@ def compare(
         help="Run folders or glob patterns, e.g. runs/latest 'runs/mnist_*' (quoted patterns are expanded here). "
              "Default: every run under --runs-dir.", show_default=False, metavar="RUN_OR_GLOB")] = None,
     sort: Annotated[str | None, typer.Option(
-        "--sort", help="Order rows by test_acc, best_test_acc, val_acc, best_val_acc or noise:LEVEL (best first), "
-                       "or by name, train_seconds, params, epochs.", show_default=False, metavar="KEY")] = None,
+        "--sort", help="Order rows by test_acc, best_test_acc, val_acc, best_val_acc, noise:LEVEL or "
+                       "noise-normalized:LEVEL (best first), or by name, train_seconds, params, epochs.",
+        show_default=False, metavar="KEY")] = None,
     no_group: Annotated[bool, typer.Option(
         "--no-group", help="One row per run, instead of one row (mean ± std) per recipe that differs only "
                            "in seed.")] = False,
@@ -321,8 +322,8 @@ def compare(
     """Compare runs in one table; seeds of one recipe form one row, mean ± std.
 
     Columns: the recipe, what trains each block, epochs, final and best test and validation accuracy,
-    noise results from 'layerwise eval', train time and parameters. Runs of one recipe that differ only
-    in seed form one row, mean ± std."""
+    noise results from 'layerwise eval' (normalized-space ones in columns of their own), train time and
+    parameters. Runs of one recipe that differ only in seed form one row, mean ± std."""
     from layerwise.compare import check_plot_target, compare_runs, plot_rows, print_table, rows_json, table
 
     def warn(message: str) -> None:
@@ -413,8 +414,9 @@ def plot(
     # Raw docstring with "\[": typer renders help as rich markup, where a bare "[plot]" is a style tag and vanishes.
     r"""Draw accuracy per epoch and against noise, and with --probes the probes (needs layerwise\[plot]).
 
-    Test accuracy per epoch, accuracy against noise from each run's eval/, and with --probes the probe
-    accuracy per block and the information plane."""
+    Test accuracy per epoch, accuracy against noise from each run's eval/ (noise.png; noise-normalized.png
+    for 'eval --noise-space normalized' reports), and with --probes the probe accuracy per block and the
+    information plane."""
     from layerwise.plot import plot_probes, plot_runs
 
     probe_figures = plot_probes(runs, out) if probes else []  # first: a run with no probe report fails early

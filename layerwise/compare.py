@@ -3,7 +3,8 @@
 A run is read from its folder alone, without loading any weights: ``recipe.yaml`` (what it
 trains, how many epochs it plans, its parameter count on the meta device), ``metrics.jsonl``
 (accuracies per epoch, training time) and ``eval/noise-latest.json`` (the latest ``layerwise
-eval`` report, if any). Runs whose recipes are equal but for ``seed`` and ``name`` form one row.
+eval`` report, if any; ``eval/noise-normalized-latest.json`` for noise added after normalisation,
+shown in columns of its own). Runs whose recipes are equal but for ``seed`` and ``name`` form one row.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.runs import METRICS_FILE, read_metrics
+from layerwise.runs import METRICS_FILE, NOISE_SPACES, noise_report_path, read_metrics, read_noise_report, report_prefix
 
 RECIPE_FILE = "recipe.yaml"
-NOISE_REPORT = Path("eval") / "noise-latest.json"
 GLOB_CHARS = "*?["
 # Layers without parameters: skipped in "what trains each block" when the recipe cannot be built.
 PARAMETERLESS_LAYERS = {"maxpool", "avgpool", "flatten", "dropout"}
@@ -48,8 +48,8 @@ class RunSummary:
     params: int | None
     planned_epochs: int | None
     history: list[dict]
-    noise: dict[float, float] = field(default_factory=dict)
-    noise_epoch: int | None = None
+    noise: dict[str, dict[float, float]] = field(default_factory=dict)  # space -> noise std -> accuracy
+    noise_epoch: dict[str, int | None] = field(default_factory=dict)  # space -> the epoch its report evaluates
 
     @property
     def name(self) -> str:
@@ -99,16 +99,37 @@ class Row:
         return ", ".join(names)
 
     def stats(self, key: str) -> Stat | None:
-        """Mean, std and count of one value over the row's runs (None when no run has it)."""
-        if key.startswith("noise:"):
-            level = float(key.split(":", 1)[1])
-            values = [run.noise[level] for run in self.runs if level in run.noise]
+        """Mean, std and count of one value over the row's runs (None when no run has it); a noise
+        result's key is :func:`noise_key`'s."""
+        noise = parse_noise_key(key)
+        if noise is not None:
+            space, level = noise
+            values = [acc for run in self.runs if (acc := run.noise.get(space, {}).get(level)) is not None]
         else:
             values = [v for run in self.runs if (v := run.values()[key]) is not None]
         return Stat.of(values)
 
-    def noise_levels(self) -> list[float]:
-        return sorted({level for run in self.runs for level in run.noise})
+    def noise_levels(self, space: str = "pixel") -> list[float]:
+        return sorted({level for run in self.runs for level in run.noise.get(space, {})})
+
+
+def noise_key(space: str, level: float) -> str:
+    """The sort and stats key of the accuracy at noise ``level`` in ``space``: ``noise:0.5`` in
+    pixel space, ``noise-normalized:0.5`` in normalized space (the report files' prefixes)."""
+    return f"{report_prefix(space)}:{level!r}"
+
+
+def parse_noise_key(key: str) -> tuple[str, float] | None:
+    """``(space, level)`` of a :func:`noise_key` (None for any other key); a level that is not a
+    number is an error."""
+    prefix, colon, text = key.partition(":")
+    spaces = {report_prefix(space): space for space in NOISE_SPACES}
+    if not colon or prefix not in spaces:
+        return None
+    try:
+        return spaces[prefix], float(text)
+    except ValueError:
+        raise LayerwiseError(f"--sort {key}: expected {prefix}:LEVEL with a number, e.g. {prefix}:0.5") from None
 
 
 @dataclass
@@ -166,10 +187,6 @@ def expand(patterns: list[str], warn: Warn) -> list[Path]:
 # --------------------------------------------------------------------------- reading one run
 
 
-def number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def canonical(value: Any) -> Any:
     """Plain recipe data in a form where equal settings compare equal (5 and 5.0 alike)."""
     if isinstance(value, dict):
@@ -202,15 +219,17 @@ def read_run(path: Path, warn: Warn) -> RunSummary:
         params = None
     if params is None:
         params = params_from_weights(path)
-    history = read_metrics(path / METRICS_FILE)
-    check_numbers(path / METRICS_FILE, history)
+    history = read_metrics(path / METRICS_FILE)  # every line checked: a crafted one is named
     seed = data.get("seed")
     run = RunSummary(path, str(data.get("name", path.name)), seed if isinstance(seed, int) else None,
                      config, trains, params, planned, history)
-    read_noise(run)
-    if run.noise_epoch is not None and run.noise_epoch != run.epochs:
-        warn(f"{path / NOISE_REPORT}: evaluates epoch {run.noise_epoch}, and the run has {run.epochs}; "
-             f"run 'layerwise eval {path}' again to update it")
+    for space in NOISE_SPACES:
+        read_noise(run, space)
+        epoch = run.noise_epoch.get(space)
+        if epoch is not None and epoch != run.epochs:
+            option = f" --noise-space {space}" if space != "pixel" else ""
+            warn(f"{noise_report_path(path, space)}: evaluates epoch {epoch}, and the run has {run.epochs}; "
+                 f"run 'layerwise eval {path}{option}' again to update it")
     return run
 
 
@@ -293,33 +312,14 @@ def params_from_weights(path: Path) -> int | None:
         raise LayerwiseError(f"{weights}: not a readable safetensors checkpoint: {exc}") from None
 
 
-def check_numbers(path: Path, history: list[dict]) -> None:
-    """The values compare reads must be numbers (or absent)."""
-    for line, record in enumerate(history, 1):
-        for key in ("test_acc", "val_acc", "train_seconds"):
-            if key in record and record[key] is not None and not number(record[key]):
-                raise LayerwiseError(f"{path}: line {line}: {key} is {record[key]!r}, not a number; "
-                                     f"fix or delete that line")
-
-
-def read_noise(run: RunSummary) -> None:
-    """Accuracy by noise std from the run's latest ``layerwise eval`` report, when it has one."""
-    path = run.path / NOISE_REPORT
-    if not path.is_file():
+def read_noise(run: RunSummary, space: str = "pixel") -> None:
+    """Accuracy by noise std from the run's latest ``layerwise eval`` report in ``space``, when it has one."""
+    report = read_noise_report(run.path, space)
+    if report is None:
         return
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise LayerwiseError(f"{path}: not a readable eval report ({exc}); run 'layerwise eval {run.path}' "
-                             f"again or delete it") from None
-    results = report.get("results") if isinstance(report, dict) else None
-    if not isinstance(results, list) or not all(
-            isinstance(r, dict) and number(r.get("noise")) and number(r.get("acc")) for r in results):
-        raise LayerwiseError(f"{path}: not an eval report (expected 'results': a list of {{noise, acc}}); "
-                             f"run 'layerwise eval {run.path}' again or delete it")
-    run.noise = {float(r["noise"]): float(r["acc"]) for r in results}
+    run.noise[space] = {float(r["noise"]): float(r["acc"]) for r in report["results"]}
     epoch = report.get("epoch")
-    run.noise_epoch = epoch if isinstance(epoch, int) else None
+    run.noise_epoch[space] = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 # --------------------------------------------------------------------------- rows
@@ -369,23 +369,27 @@ def mark_differences(rows: list[Row]) -> None:
 
 
 def sort_rows(rows: list[Row], key: str) -> list[Row]:
-    """Rows by ``key`` (see :data:`SORT_KEYS`, or ``noise:LEVEL``), rows without the value last."""
+    """Rows by ``key`` (see :data:`SORT_KEYS`, or ``noise:LEVEL``, ``noise-normalized:LEVEL``), rows
+    without the value last."""
     if key == "name":
         return sorted(rows, key=lambda row: (row.label, row.first.name))
-    if key.startswith("noise:"):
-        try:
-            level = float(key.split(":", 1)[1])
-        except ValueError:
-            raise LayerwiseError(f"--sort {key}: expected noise:LEVEL with a number, e.g. noise:0.5") from None
-        levels = sorted({lvl for row in rows for lvl in row.noise_levels()})
+    noise = parse_noise_key(key)
+    if noise is not None:
+        space, level = noise
+        levels = sorted({lvl for row in rows for lvl in row.noise_levels(space)})
         if level not in levels:
-            found = ", ".join(f"{lvl:g}" for lvl in levels) or "none (run 'layerwise eval RUN --noise ...' first)"
-            raise LayerwiseError(f"--sort {key}: no run has an eval result at noise {level:g}; levels found: {found}")
-        key, descending = f"noise:{level!r}", True
+            option = f" --noise-space {space}" if space != "pixel" else ""
+            found = (", ".join(f"{lvl:g}" for lvl in levels)
+                     or f"none (run 'layerwise eval RUN --noise ...{option}' first)")
+            where = f" in {space} space" if space != "pixel" else ""
+            raise LayerwiseError(f"--sort {key}: no run has an eval result at noise {level:g}{where}; "
+                                 f"levels found: {found}")
+        key, descending = noise_key(space, level), True
     elif key in SORT_KEYS:
         descending = SORT_KEYS[key]
     else:
-        raise LayerwiseError(f"--sort {key}: unknown key; expected one of {', '.join(SORT_KEYS)}, or noise:LEVEL")
+        raise LayerwiseError(f"--sort {key}: unknown key; expected one of {', '.join(SORT_KEYS)}, or noise:LEVEL "
+                             f"(noise-normalized:LEVEL for normalized-space reports)")
     with_value = [(row, stat.mean) for row in rows if (stat := row.stats(key)) is not None]
     without = [row for row in rows if row.stats(key) is None]
     with_value.sort(key=lambda pair: pair[1], reverse=descending)  # stable: ties keep the given order
@@ -397,6 +401,11 @@ def sort_rows(rows: list[Row], key: str) -> list[Row]:
 
 def level_key(level: float) -> str:
     return f"{level:g}"
+
+
+def noise_field(space: str) -> str:
+    """The JSON field of a space's noise results: ``noise`` (pixel), ``noise_normalized``."""
+    return report_prefix(space).replace("-", "_")
 
 
 def rows_json(rows: list[Row]) -> list[dict]:
@@ -412,11 +421,18 @@ def rows_json(rows: list[Row]) -> list[dict]:
         for key in (*ACCURACY_KEYS, "train_seconds"):
             stat = row.stats(key)
             entry[key] = stat.to_json() if stat else None
-        entry["noise"] = {level_key(level): row.stats(f"noise:{level!r}").to_json() for level in row.noise_levels()}
-        entry["runs"] = [{"path": str(run.path), "name": run.name, "recipe": run.recipe_name, "seed": run.seed,
-                          "complete": run.complete, **run.values(),
-                          "noise": {level_key(level): acc for level, acc in sorted(run.noise.items())},
-                          "noise_epoch": run.noise_epoch} for run in row.runs]
+        for space in NOISE_SPACES:
+            entry[noise_field(space)] = {level_key(level): row.stats(noise_key(space, level)).to_json()
+                                         for level in row.noise_levels(space)}
+        entry["runs"] = []
+        for run in row.runs:
+            noise = {}
+            for space in NOISE_SPACES:
+                noise[noise_field(space)] = {level_key(level): acc
+                                             for level, acc in sorted(run.noise.get(space, {}).items())}
+                noise[f"{noise_field(space)}_epoch"] = run.noise_epoch.get(space)
+            entry["runs"].append({"path": str(run.path), "name": run.name, "recipe": run.recipe_name,
+                                  "seed": run.seed, "complete": run.complete, **run.values(), **noise})
         out.append(entry)
     return out
 
@@ -476,7 +492,8 @@ def fmt_seeds(seeds: list[int | None]) -> str:
 
 
 def table(rows: list[Row]):
-    """The rich table of the rows; the validation and noise columns appear when some run has them."""
+    """The rich table of the rows; the validation and noise columns appear when some run has them,
+    a column per noise std and space (normalized-space ones after the pixel-space ones, so named)."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -486,7 +503,8 @@ def table(rows: list[Row]):
         return escape(printable(text))
 
     has_val = any(row.stats("val_acc") for row in rows)
-    levels = sorted({level for row in rows for level in row.noise_levels()})
+    levels = [(space, level) for space in NOISE_SPACES
+              for level in sorted({level for row in rows for level in row.noise_levels(space)})]
     has_differs = any(row.differs for row in rows)
     runs = sum(len(row.runs) for row in rows)
     grouped = any(row.grouped for row in rows)
@@ -494,7 +512,8 @@ def table(rows: list[Row]):
     result = Table(title=title, header_style="bold")
     text_columns = ["run", "seed", "trains", *(["differs"] if has_differs else [])]
     number_columns = ["epochs", "test %", "best test %", *(["val %", "best val %"] if has_val else []),
-                      *(f"noise {level:g} %" for level in levels), "train time", "params"]
+                      *(f"noise {level:g} %" if space == "pixel" else f"{space} noise {level:g} %"
+                        for space, level in levels), "train time", "params"]
     for column in text_columns:
         result.add_column(column, no_wrap=column == "run", overflow="fold")
     for column in number_columns:
@@ -509,7 +528,7 @@ def table(rows: list[Row]):
                  *([safe(fmt_differs(row.differs))] if has_differs else []), epochs,
                  fmt_acc(row.stats("test_acc")), fmt_acc(row.stats("best_test_acc")),
                  *([fmt_acc(row.stats("val_acc")), fmt_acc(row.stats("best_val_acc"))] if has_val else []),
-                 *(fmt_acc(row.stats(f"noise:{level!r}")) for level in levels),
+                 *(fmt_acc(row.stats(noise_key(space, level))) for space, level in levels),
                  fmt_seconds(row.stats("train_seconds")),
                  f"{first.params:,}" if first.params is not None else "-"]
         result.add_row(*cells)
@@ -571,7 +590,7 @@ def check_plot_target(path: Path) -> None:
 
 def compare_runs(patterns: list[str], warn: Warn, group: bool = True, sort: str | None = None) -> list[Row]:
     """Read the runs that ``patterns`` name, group and sort them: the rows of ``layerwise compare``."""
-    if sort is not None and sort not in SORT_KEYS and not sort.startswith("noise:"):
+    if sort is not None and sort not in SORT_KEYS and parse_noise_key(sort) is None:
         sort_rows([], sort)  # an unknown key fails before any run is read
     runs = [read_run(path, warn) for path in expand(patterns, warn)]
     rows = group_runs(runs, group)

@@ -4,8 +4,8 @@ By default noise follows the hybrid paper's protocol: std ``sigma`` in [0, 1] pi
 before normalisation, clipped to [0, 1], seeded per sample so every run sees the same noisy test
 set. ``noise_space="normalized"`` adds the same per-sample noise after normalisation, unclipped
 (the authors' published notebook); the report records the space, and such reports are saved
-under names of their own (``noise-normalized-*.json``) so that readers of ``noise-latest.json``
-(``compare``, ``plot``) never mix the two.
+under names of their own (``noise-normalized-*.json``), so that the two are never mixed:
+``compare`` and ``plot`` show each space apart (:func:`layerwise.runs.read_noise_report`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
 from layerwise.progress import progress_bar
-from layerwise.runs import check_writable
+from layerwise.runs import check_writable, report_prefix
 from layerwise.trainer import evaluate
 
 
@@ -115,12 +115,6 @@ def check_report_folder(eval_dir: Path) -> None:
     if eval_dir.exists() and not eval_dir.is_dir():
         raise LayerwiseError(f"{eval_dir}: exists but is not a folder, so no evaluation report can be written there")
     check_writable(eval_dir if eval_dir.is_dir() else eval_dir.parent)
-
-
-def report_prefix(noise_space: str) -> str:
-    """The file names' start: ``noise`` in pixel space (what ``compare`` and ``plot`` read),
-    ``noise-normalized`` otherwise, so that results of the two spaces are never mixed."""
-    return "noise" if noise_space == "pixel" else f"noise-{noise_space}"
 
 
 def write_report(report: dict, eval_dir: Path) -> Path:

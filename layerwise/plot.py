@@ -1,5 +1,5 @@
-"""PNG figures of runs: test accuracy per epoch, accuracy against test-noise std, and (``--probes``)
-linear-probe accuracy per block and the information plane.
+"""PNG figures of runs: test accuracy per epoch, accuracy against test-noise std (a figure per noise
+space), and (``--probes``) linear-probe accuracy per block and the information plane.
 
 matplotlib is an optional extra (``pip install 'layerwise[plot]'``), imported only here.
 """
@@ -26,17 +26,13 @@ def pyplot():
 
 
 def read_history(run: Path) -> list[dict]:
-    """The run's per-epoch records."""
-    path = run / "metrics.jsonl"
+    """The run's per-epoch records, every line checked (:func:`layerwise.runs.read_metrics`)."""
+    from layerwise.runs import METRICS_FILE, read_metrics
+
+    path = run / METRICS_FILE
     if not path.is_file():
-        raise LayerwiseError(f"{run}: not a run folder (no metrics.jsonl)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_noise_report(run: Path) -> dict | None:
-    """The run's latest ``layerwise eval`` report, if it has one."""
-    path = run / "eval" / "noise-latest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+        raise LayerwiseError(f"{run}: not a run folder (no {METRICS_FILE})")
+    return read_metrics(path)
 
 
 Series = dict[str, tuple[list[float], list[float]]]
@@ -65,20 +61,29 @@ def draw(series: Series, path: Path, xlabel: str, title: str) -> Path:
 
 
 def plot_runs(runs: list[Path], out: Path) -> list[Path]:
-    """Write ``accuracy.png`` (and ``noise.png`` when runs have eval reports) to ``out``."""
+    """Write ``accuracy.png``, and ``noise.png`` when runs have eval reports, to ``out``; runs with
+    normalized-space reports (``layerwise eval --noise-space normalized``) get ``noise-normalized.png``
+    too, apart: a std means another noise in each space. Every file is read and checked first."""
+    from layerwise.runs import NOISE_SPACES, read_noise_report, report_prefix
+
     pyplot()  # fail early, before reading anything, when matplotlib is missing
     runs = [run.resolve() for run in runs]
     accuracy: Series = {}
-    noise: Series = {}
+    noise: dict[str, Series] = {space: {} for space in NOISE_SPACES}
     for run in runs:
         history = read_history(run)
         accuracy[run.name] = ([r["epoch"] for r in history], [r["test_acc"] for r in history])
-        report = read_noise_report(run)
-        if report:
-            noise[run.name] = ([r["noise"] for r in report["results"]], [r["acc"] for r in report["results"]])
+        for space in NOISE_SPACES:
+            report = read_noise_report(run, space)
+            if report:
+                results = report["results"]
+                noise[space][run.name] = ([r["noise"] for r in results], [r["acc"] for r in results])
     written = [draw(accuracy, out / "accuracy.png", "epoch", "Test accuracy per epoch")]
-    if noise:
-        written.append(draw(noise, out / "noise.png", "test noise std (pixel space)", "Robustness to Gaussian noise"))
+    for space, series in noise.items():
+        if series:
+            title = "Robustness to Gaussian noise" + (f" ({space} space)" if space != "pixel" else "")
+            written.append(draw(series, out / f"{report_prefix(space)}.png", f"test noise std ({space} space)",
+                                title))
     return written
 
 

@@ -16,7 +16,14 @@ class PipeFriendlyConsole(Console):
     breaking to whatever shows the text. On a terminal, rich's word wrapping is kept. Tables still
     fit the width: they lay out their own cells. The check is made at each print, since the file
     behind the console can change (test runners and redirections inside a process replace sys.stdout).
+
+    Emoji codes stay as written: rich would turn the ``:x:`` of ``--sort noise:x: expected ...``, or
+    of a run's name, into an emoji in errors and tables.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("emoji", False)
+        super().__init__(*args, **kwargs)
 
     @property
     def soft_wrap(self) -> bool:

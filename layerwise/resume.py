@@ -50,6 +50,7 @@ from layerwise.checkpoint import (
 from layerwise.errors import CheckpointError
 from layerwise.graph import Network
 from layerwise.recipe import Recipe
+from layerwise.runs import record_problem
 from layerwise.schedule import position, scheduled_lrs
 from layerwise.schema import describe
 from layerwise.version import __version__
@@ -158,35 +159,6 @@ def load_state(path: str | Path) -> ResumeState:
     optimizers = metadata_json(path, metadata, "optimizers")
     check_layout(path, optimizers, tensors)
     return ResumeState(path, epoch, recipe.to_dict(), record, optimizers, tensors)
-
-
-def is_number(value: Any) -> bool:
-    """An int or float that fits a float (the epoch table formats it), not a boolean."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
-
-
-def record_problem(record: Any) -> str | None:
-    """What keeps ``record`` from being an epoch's metrics as the epoch table reads them; None when nothing."""
-    if not isinstance(record, dict):
-        return f"expected a mapping, found {describe(record)}"
-    if isinstance(record.get("epoch"), bool) or not isinstance(record.get("epoch"), int):
-        return f"epoch: expected a number of epochs, found {describe(record.get('epoch'))}"
-    for key in ("train_acc", "test_acc", "global_loss"):
-        if not is_number(record.get(key)):
-            return f"{key}: expected a number, found {describe(record.get(key))}"
-    blocks = record.get("blocks")
-    if not isinstance(blocks, dict):
-        return f"blocks: expected a mapping of block names to metrics, found {describe(blocks)}"
-    for block, metrics in blocks.items():
-        if not isinstance(metrics, dict) or not all(is_number(v) for v in metrics.values()):
-            return f"blocks.{block}: expected a mapping of metric names to numbers, found {describe(metrics)}"
-    return None
 
 
 def check_layout(path: Path, optimizers: Any, tensors: dict[str, torch.Tensor]) -> None:

@@ -9,20 +9,25 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from layerwise.atomic import file_mode, write_text_atomic
-from layerwise.errors import LayerwiseError
+from layerwise.errors import LayerwiseError, printable
 from layerwise.recipe import Recipe, dump_recipe
+from layerwise.schema import describe
 from layerwise.version import __version__
 
 LATEST = "latest"
@@ -117,7 +122,8 @@ def create_run_dir(runs_root: str | Path, recipe: Recipe, device: torch.device) 
     The folder is filled under a hidden temporary name, renamed into place (suffixing ``-1``,
     ``-2`` if the second is taken) and only then made ``latest``: a kill at any moment leaves
     ``latest`` on a complete run, never on an empty folder that ``--resume`` would refuse. A kill
-    before the rename leaves a hidden ``.<name>-<time>.*.tmp`` folder, which nothing reads.
+    before the rename leaves a hidden ``.<name>-<time>.*.tmp`` folder, which nothing reads and
+    :func:`remove_abandoned_run_folders` deletes (its lock, taken at once, says whether its creator lives).
     """
     root = Path(runs_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -153,6 +159,60 @@ def create_run_dir(runs_root: str | Path, recipe: Recipe, device: torch.device) 
             raise LayerwiseError(f"cannot create a run folder under {root}: {exc.strerror}") from None
         raise
     return run, lock
+
+
+STAGING_NAME = re.compile(r"\..+-[0-9]{8}-[0-9]{6}\..+\.tmp")
+"""The hidden name :func:`create_run_dir` fills a run folder under: ``.<recipe>-<time>.<random>.tmp``."""
+STAGING_GRACE_SECONDS = 60.0
+"""A staging folder whose creator has not yet locked it (it does so at once) is left alone this long."""
+
+
+def remove_abandoned_run_folders(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """Delete the hidden folders that processes killed while creating a run folder left in ``root``;
+    return them, and those that could not be deleted (another user's, say).
+
+    Such a folder holds a recipe.yaml and env.json, never an epoch (training starts after the
+    rename), and its creator holds the flock on its ``.lock`` from the start: a lock that can be
+    taken means the creator is gone, however it ended, whatever its pid became since. A folder
+    whose creator has not locked it yet (no lock file, or no pid in it) is left alone for
+    :data:`STAGING_GRACE_SECONDS`. The lock is held while the folder is deleted.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    failed: list[Path] = []
+    try:
+        candidates = sorted(p for p in root.iterdir() if STAGING_NAME.fullmatch(p.name))
+    except OSError:  # no runs folder yet, or one we cannot list: nothing to clean
+        return removed, failed
+    for folder in candidates:
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            young = time.time() - folder.stat().st_mtime < STAGING_GRACE_SECONDS
+        except OSError:  # renamed into place (or removed) meanwhile
+            continue
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:  # killed before it locked the folder, or locking it this instant
+            if young:
+                continue
+            fd = -1
+        except OSError:  # not ours to judge (permissions): leave it
+            continue
+        try:
+            if fd >= 0:
+                if young and not os.pread(fd, 32, 0).strip():  # being locked this instant: its pid comes next
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # held: its creator is alive (or the lock cannot be told)
+                    continue
+            shutil.rmtree(folder, ignore_errors=True)
+            (failed if os.path.lexists(folder) else removed).append(folder)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    return removed, failed
 
 
 def check_writable(folder: Path) -> None:
@@ -236,20 +296,167 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(line + "\n" for line in self.lines))
 
 
+def is_number(value: Any) -> bool:
+    """An int or float that fits a float (tables format it), not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:  # an int of 400 digits, say
+        return False
+    return True
+
+
+def in_range(low: float | None, high: float | None) -> Callable[[Any], bool]:
+    """A check that a value is a number in [low, high] (a bound of None: unbounded, NaN and infinities allowed)."""
+    if low is None and high is None:
+        return is_number
+    return lambda v: is_number(v) and (low is None or float(v) >= low) and (high is None or float(v) <= high)
+
+
+RECORD_FIELDS: dict[str, tuple[bool, str, Callable[[Any], bool]]] = {
+    "train_acc": (True, "a number in [0, 1]", in_range(0.0, 1.0)),
+    "global_loss": (True, "a number", in_range(None, None)),
+    "test_acc": (True, "a number in [0, 1]", in_range(0.0, 1.0)),
+    "test_loss": (True, "a number", in_range(None, None)),
+    "train_seconds": (True, "a number of seconds >= 0", lambda v: in_range(0.0, None)(v) and math.isfinite(v)),
+    "val_acc": (False, "a number in [0, 1]", in_range(0.0, 1.0)),
+    "skipped_batches": (False, "a whole number >= 0", lambda v: is_number(v) and isinstance(v, int) and v >= 0),
+}
+"""Top-level keys of an epoch's record: key -> (required, what it must be, its check). ``blocks``,
+``lr`` and a pipeline's ``stages``, ``stage_seconds`` and ``stage_busy_seconds`` are checked by
+:func:`record_problem` itself; other keys are left alone (a newer layerwise may add some)."""
+
+
+def record_problem(record: Any, epoch: int | None = None) -> str | None:
+    """What keeps ``record`` from being an epoch's metrics as training writes them and every
+    reader (resume, the epoch table, compare, plot, tune) reads them, as ``key: expected ...,
+    found ...``; None when nothing. ``epoch``: the epoch it must be (a log's line number)."""
+    if not isinstance(record, dict):
+        return f"expected a mapping, found {describe(record)}"
+    found = record.get("epoch")
+    if isinstance(found, bool) or not isinstance(found, int):
+        return f"epoch: expected a number of epochs, found {describe(found) if 'epoch' in record else 'no such key'}"
+    if found < 1:
+        return f"epoch: expected an epoch number of 1 or more, found {found}"
+    if epoch is not None and found != epoch:
+        return f"epoch: expected {epoch} (line N holds epoch N), found {found}"
+    for key, (required, expected, valid) in RECORD_FIELDS.items():
+        if key not in record:
+            if required:
+                return f"{key}: expected {expected}, found no such key"
+        elif not (valid(record[key]) or (not required and record[key] is None)):
+            return f"{key}: expected {expected}, found {describe(record[key])}"
+    blocks = record.get("blocks")
+    if not isinstance(blocks, dict):
+        return (f"blocks: expected a mapping of block names to metrics, found "
+                f"{describe(blocks) if 'blocks' in record else 'no such key'}")
+    for block, metrics in blocks.items():
+        if not isinstance(metrics, dict):
+            return f"blocks.{block}: expected a mapping of metric names to numbers, found {describe(metrics)}"
+        for name, value in metrics.items():
+            if not is_number(value):
+                return f"blocks.{block}.{name}: expected a number, found {describe(value)}"
+    lrs = record.get("lr")
+    if lrs is not None:
+        if not isinstance(lrs, dict):
+            return f"lr: expected a mapping of optimizer names to learning rates, found {describe(lrs)}"
+        for name, value in lrs.items():
+            if not (in_range(0.0, None)(value) and math.isfinite(value)):
+                return f"lr.{name}: expected a learning rate >= 0, found {describe(value)}"
+    return stages_problem(record)
+
+
+def stages_problem(record: dict) -> str | None:
+    """A pipeline's epoch (:mod:`layerwise.pipeline`): its stages' blocks and seconds, one of each per stage."""
+    stages = record.get("stages")
+    if stages is None:
+        if "stage_seconds" in record or "stage_busy_seconds" in record:
+            return "stages: expected the blocks of each stage beside stage_seconds, found no such key"
+        return None
+    if not isinstance(stages, list) or not all(
+            isinstance(stage, list) and all(isinstance(b, str) for b in stage) for stage in stages):
+        return f"stages: expected a list of each stage's block names, found {describe(stages)}"
+    for key in ("stage_seconds", "stage_busy_seconds"):
+        seconds = record.get(key)
+        if not isinstance(seconds, list) or len(seconds) != len(stages) or not all(
+                in_range(0.0, None)(s) and math.isfinite(s) for s in seconds):
+            return (f"{key}: expected {len(stages)} numbers of seconds >= 0, one per stage, found "
+                    f"{describe(seconds) if key in record else 'no such key'}")
+    return None
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (none if it does not exist yet)."""
+    """The records of a ``metrics.jsonl`` (none if it does not exist yet), each checked: line N is
+    epoch N's whole record (:func:`record_problem`); a file that is not is refused in one line
+    naming the line and the key, and nothing is read from it."""
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise LayerwiseError(f"{path}: cannot read this metrics log ({reason})") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    fix = "fix that line, or delete it and the lines after it"
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            raise LayerwiseError(f"{path}: line {number} is not an epoch record; fix or delete that line")
+        if not isinstance(record, dict) or "epoch" not in record:
+            raise LayerwiseError(f"{path}: line {number} is not an epoch record; {fix}")
+        problem = record_problem(record, epoch=number)
+        if problem is not None:
+            raise LayerwiseError(printable(f"{path}: line {number}: {problem}; {fix}", keep_newlines=False))
         records.append(record)
     return records
+
+
+NOISE_SPACES = ("pixel", "normalized")
+"""The spaces ``layerwise eval --noise-space`` adds its noise in; each has reports of its own."""
+
+
+def report_prefix(noise_space: str) -> str:
+    """The start of a noise report's file name: ``noise`` in pixel space, ``noise-normalized``
+    otherwise, so that results of the two spaces are never mixed."""
+    return "noise" if noise_space == "pixel" else f"noise-{noise_space}"
+
+
+def noise_report_path(run: Path, noise_space: str = "pixel") -> Path:
+    """The run's latest ``layerwise eval`` report in ``noise_space``: ``eval/noise-latest.json``,
+    or ``eval/noise-normalized-latest.json``."""
+    return run / "eval" / f"{report_prefix(noise_space)}-latest.json"
+
+
+def read_noise_report(run: Path, noise_space: str = "pixel") -> dict | None:
+    """The run's latest ``layerwise eval`` report in ``noise_space`` (None when it has none), checked
+    as far as ``compare`` and ``plot`` read it: ``results``, a list of ``{noise, acc}`` numbers, and
+    the space it records (a report from before spaces were recorded is a pixel-space one)."""
+    path = noise_report_path(run, noise_space)
+    if not path.is_file():
+        return None
+    again = f"run 'layerwise eval {run}" + (f" --noise-space {noise_space}" if noise_space != "pixel" else "")
+    again += "' again or delete it"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = exc.strerror if isinstance(exc, OSError) else "nested too deeply" if isinstance(
+            exc, RecursionError) else str(exc)
+        raise LayerwiseError(printable(f"{path}: not a readable eval report ({reason}); {again}",
+                                       keep_newlines=False)) from None
+    results = report.get("results") if isinstance(report, dict) else None
+    if not isinstance(results, list) or not all(
+            isinstance(r, dict) and in_range(0.0, None)(r.get("noise")) and in_range(0.0, 1.0)(r.get("acc"))
+            for r in results):
+        raise LayerwiseError(f"{path}: not an eval report (expected 'results': a list of {{noise, acc}}, "
+                             f"each acc in [0, 1]); {again}")
+    space = report.get("noise_space", "pixel")  # reports from before spaces were recorded are pixel ones
+    if space != noise_space:
+        found = describe(space) if "noise_space" in report else "no such key"
+        raise LayerwiseError(printable(f"{path}: noise_space: expected {noise_space!r} (as the file's name says), "
+                                       f"found {found}; {again}", keep_newlines=False))
+    return report
 
 
 def resolve_run(path: str | Path | None, runs_root: str | Path = "runs") -> Path:

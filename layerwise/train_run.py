@@ -40,6 +40,7 @@ from layerwise.runs import (
     file_signature,
     lock_run,
     read_metrics,
+    remove_abandoned_run_folders,
 )
 from layerwise.tensorboard_log import tensorboard_callbacks
 from layerwise.trainer import Trainer, evaluate, resolve_device
@@ -101,6 +102,11 @@ def train_recipe(
         if not session.is_main:  # the other ranks train in step with rank 0 and touch no file
             return run_epochs(session, None, None, [], False, True)
         session.callbacks = [*loggers, *callbacks]  # the saved epoch is logged before a callback may stop
+        removed, failed = remove_abandoned_run_folders(runs_root)  # left by processes killed in create_run_dir
+        if not quiet:
+            for folders, what in ((removed, "removed"), (failed, "could not remove")):
+                if folders:
+                    stderr.print(abandoned_note(Path(runs_root), folders, what), highlight=False, soft_wrap=True)
         run, lock = create_run_dir(runs_root, recipe, session.device)  # locked: no resume may write it meanwhile
         with lock:
             if not quiet:
@@ -108,6 +114,19 @@ def train_recipe(
                 stderr.print(f"[bold]{recipe.name}[/]: {session.train_stream.num_samples} training samples on "
                              f"{session.device}{processes}; run folder {run}")
             return run_epochs(session, run, MetricsLog(run / METRICS_FILE), [], show_progress, quiet)
+
+
+def abandoned_note(root: Path, folders: list[Path], what: str) -> str:
+    """One line naming the unfinished run folders :func:`remove_abandoned_run_folders` found."""
+    from rich.markup import escape
+
+    from layerwise.errors import printable
+
+    names = ", ".join(folder.name for folder in folders)
+    whose = "killed layerwise processes" if len(folders) > 1 else "a killed layerwise process"
+    plural = "s" if len(folders) > 1 else ""
+    return escape(printable(f"{what} {len(folders)} unfinished run folder{plural} left in {root} by {whose}: {names}",
+                            keep_newlines=False))
 
 
 def resume_run(
@@ -139,8 +158,11 @@ def resume_run(
             check_unlocked(run)  # another process trains it: say so before anything else
         signature = file_signature(run / STATE_FILE)  # taken before the read: a later write is noticed below
         state = load_run_state(run, recipe)
+        kept: list[dict] = []
         if rank == 0:
             check_writable(run)
+            if state is not None:  # read, and checked, while the folder is still as it was
+                kept = epochs_before(run / METRICS_FILE, state)
         session = prepare(recipe, data_root, group, stages)
         if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank,
                                                    session.trainer.schedulers(), stage=stages > 1):
@@ -159,7 +181,7 @@ def resume_run(
         log = MetricsLog(run / METRICS_FILE)
         history: list[dict] = []
         if state is not None:
-            history = [r for r in read_metrics(run / METRICS_FILE) if r["epoch"] < state.epoch] + [state.record]
+            history = [*kept, state.record]
             # The state is written first at each epoch's end: bring the other files up to it.
             save_checkpoint(run / WEIGHTS_FILE, session.graph, recipe, state.epoch, state.record)
         session.release_other_blocks()  # only now: the checkpoint above needs every block's weights
@@ -198,6 +220,20 @@ def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Gro
         note += (f"; it was saved by {state.processes // saved_stages} process(es), so the batches' split and any "
                  f"dropout masks differ from an uninterrupted run")
     return note
+
+
+def epochs_before(path: Path, state: ResumeState) -> list[dict]:
+    """The records of ``metrics.jsonl`` before the resume state's epoch, every one of them: the
+    log is written after the state, so it may lack the state's epoch (rebuilt from the state),
+    never an earlier one."""
+    kept = [record for record in read_metrics(path) if record["epoch"] < state.epoch]
+    if len(kept) < state.epoch - 1:
+        have = f"epochs 1 to {len(kept)}" if len(kept) > 1 else "epoch 1" if kept else "no epoch"
+        first, last = len(kept) + 1, state.epoch - 1
+        missing = f"epoch {first} is" if first == last else f"epochs {first} to {last} are"
+        raise CheckpointError(f"{path}: holds {have}, and the resume state is at epoch {state.epoch}, so {missing} "
+                              f"missing and the log cannot be rebuilt; restore those lines, or start a new run")
+    return kept
 
 
 def load_run_state(run: Path, recipe: Recipe) -> ResumeState | None:

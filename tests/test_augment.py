@@ -264,7 +264,13 @@ def test_eval_records_the_noise_space(fake_root, tmp_path, cli, space, report_na
     assert [row["noise"] for row in report["results"]] == [0.0, 0.5]
     assert json.loads((run / "eval" / report_name).read_text()) == report
     other = "noise-normalized-latest.json" if space == "pixel" else "noise-latest.json"
-    assert not (run / "eval" / other).exists()  # compare and plot read pixel-space reports only
+    assert not (run / "eval" / other).exists()  # the spaces are never mixed
+    (row,) = json.loads(cli("compare", str(run), "--json").out)  # and compare shows each in its own place
+    accuracies = {f"{r['noise']:g}": r["acc"] for r in report["results"]}
+    fields = {"pixel": "noise", "normalized": "noise_normalized"}
+    assert row["runs"][0][fields[space]] == accuracies and row["runs"][0][f"{fields[space]}_epoch"] == 1
+    other_field = fields["normalized" if space == "pixel" else "pixel"]
+    assert row["runs"][0][other_field] == {} and set(row[other_field]) == set()
 
 
 def test_eval_table_names_the_space(fake_root, tmp_path, cli):

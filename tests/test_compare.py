@@ -20,8 +20,10 @@ TINY_PARAMS = 784 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
 
 
 def make_run(root: Path, name: str, accs=(0.5,), *, seed: int = 0, epochs: int | None = None, val=None,
-             noise=None, noise_epoch: int | None = None, seconds: float = 2.0, recipe: dict | None = None) -> Path:
-    """A run folder as training leaves it, without training: test accuracy ``accs[i]`` at epoch i+1."""
+             noise=None, noise_epoch: int | None = None, seconds: float = 2.0, recipe: dict | None = None,
+             normalized=None, normalized_epoch: int | None = None) -> Path:
+    """A run folder as training leaves it, without training: test accuracy ``accs[i]`` at epoch i+1;
+    ``noise`` and ``normalized``: the latest eval reports' (std, accuracy) in pixel and normalized space."""
     from layerwise.factory import parse_recipe
     from layerwise.recipe import dump_recipe
 
@@ -40,11 +42,16 @@ def make_run(root: Path, name: str, accs=(0.5,), *, seed: int = 0, epochs: int |
             record["val_acc"] = val[i]
         lines.append(json.dumps(record) + "\n")
     (run / "metrics.jsonl").write_text("".join(lines))
-    if noise is not None:
+    if noise is not None:  # as layerwise eval wrote them before it recorded the space
         report = {"recipe": data["name"], "dataset": "mnist", "train_noise": 0.0,
                   "epoch": noise_epoch if noise_epoch is not None else len(accs),
                   "results": [{"noise": s, "acc": a, "loss": 1.0} for s, a in noise]}
         (run / "eval" / "noise-latest.json").write_text(json.dumps(report))
+    if normalized is not None:
+        report = {"recipe": data["name"], "dataset": "mnist", "train_noise": 0.0, "noise_space": "normalized",
+                  "epoch": normalized_epoch if normalized_epoch is not None else len(accs),
+                  "results": [{"noise": s, "acc": a, "loss": 1.0} for s, a in normalized]}
+        (run / "eval" / "noise-normalized-latest.json").write_text(json.dumps(report))
     return run
 
 
@@ -158,6 +165,94 @@ def test_sort_keys(cli, tmp_path):
                           "--sort noise:0.3: no run has an eval result at noise 0.3; levels found: 0.5")
 
 
+# --------------------------------------------------------------------------- noise spaces
+
+
+@pytest.fixture
+def spaces(tmp_path):
+    """Two seeds evaluated in both noise spaces (normalized noise 0.5 costs less than pixel 0.5 here)
+    and a third in pixel space only."""
+    root = tmp_path / "runs"
+    make_run(root, "tiny-a", (0.90,), seed=0, noise=[(0.0, 0.90), (0.5, 0.60)],
+             normalized=[(0.0, 0.90), (0.5, 0.80), (1.0, 0.40)])
+    make_run(root, "tiny-b", (0.92,), seed=1, noise=[(0.0, 0.92), (0.5, 0.70)], normalized=[(0.0, 0.92), (0.5, 0.84)])
+    make_run(root, "tiny-c", (0.94,), seed=2, noise=[(0.0, 0.94), (0.5, 0.50)])
+    return root
+
+
+def test_normalized_space_reports_are_shown_apart_from_pixel_ones(cli, spaces):
+    (row,) = compare_json(cli, str(spaces / "*"))
+    assert row["noise"]["0.5"]["mean"] == pytest.approx(0.60) and row["noise"]["0.5"]["n"] == 3  # pixel, unmixed
+    assert set(row["noise_normalized"]) == {"0", "0.5", "1"}
+    assert row["noise_normalized"]["0.5"] == {"mean": pytest.approx(0.82),
+                                              "std": pytest.approx(statistics.stdev([0.80, 0.84])), "n": 2}
+    assert row["noise_normalized"]["1"] == {"mean": pytest.approx(0.40), "std": None, "n": 1}
+    a, _, c = row["runs"]
+    assert a["noise"] == {"0": 0.90, "0.5": 0.60} and a["noise_normalized"] == {"0": 0.90, "0.5": 0.80, "1": 0.40}
+    assert a["noise_epoch"] == 1 and a["noise_normalized_epoch"] == 1
+    assert c["noise_normalized"] == {} and c["noise_normalized_epoch"] is None
+
+    header, cells = table_row(cli("compare", str(spaces / "*")).out, "tiny (3 runs)")
+    assert header[header.index("noise 0 %"):header.index("train time")] == [
+        "noise 0 %", "noise 0.5 %", "normalized noise 0 %", "normalized noise 0.5 %", "normalized noise 1 %"]
+    assert cells[header.index("noise 0.5 %")] == "60.00 ± 10.00"
+    assert cells[header.index("normalized noise 0.5 %")] == "82.00 ± 2.83"
+    assert cells[header.index("normalized noise 1 %")] == "40.00"
+
+
+def table_row(out: str, first_cell: str) -> tuple[list[str], list[str]]:
+    """The column titles of a printed compare table, and the cells of the row that starts with ``first_cell``
+    (its first line: titles and cells must fit one line each, so the table must be wide enough)."""
+    lines = [line for line in out.splitlines() if "┃" in line or "│" in line]
+    header = [cell.strip() for cell in lines[0].strip("┃").split("┃")]
+    row = next(line for line in lines if line.strip("│").split("│")[0].strip() == first_cell)
+    return header, [cell.strip() for cell in row.strip("│").split("│")]
+
+
+def test_pixel_only_runs_look_as_before(cli, seeds):
+    out = cli("compare", str(seeds / "*")).out
+    assert "normalized" not in out
+    header, _ = table_row(out, "tiny (3 runs)")
+    assert header == ["run", "seed", "trains", "epochs", "test %", "best test %", "noise 0 %", "noise 0.5 %",
+                      "train time", "params"]
+    (row,) = compare_json(cli, str(seeds / "*"))
+    assert row["noise_normalized"] == {} and all(run["noise_normalized"] == {} for run in row["runs"])
+
+
+def test_sort_by_a_normalized_space_result(cli, spaces):
+    def order(*sort: str) -> list[str]:
+        return [r["runs"][0]["name"] for r in compare_json(cli, str(spaces / "*"), "--no-group", *sort)]
+
+    assert order("--sort", "noise:0.5") == ["tiny-b", "tiny-a", "tiny-c"]
+    assert order("--sort", "noise-normalized:0.5") == ["tiny-b", "tiny-a", "tiny-c"]
+    assert order("--sort", "noise-normalized:1") == ["tiny-a", "tiny-b", "tiny-c"]  # without the result: last
+    assert_one_line_error(cli("compare", str(spaces / "*"), "--sort", "noise-normalized:0.3"),
+                          "--sort noise-normalized:0.3: no run has an eval result at noise 0.3 in normalized space; "
+                          "levels found: 0, 0.5, 1")
+    assert_one_line_error(cli("compare", str(spaces / "*"), "--sort", "noise-normalized:x"),
+                          "--sort noise-normalized:x: expected noise-normalized:LEVEL with a number")
+
+
+def test_a_normalized_report_that_is_not_one_is_refused(cli, spaces):
+    report = spaces / "tiny-a" / "eval" / "noise-normalized-latest.json"
+    data = json.loads(report.read_text())
+    report.write_text(json.dumps({**data, "noise_space": "pixel"}))
+    assert_one_line_error(cli("compare", str(spaces / "*")),
+                          f"{report}: noise_space: expected 'normalized' (as the file's name says), found 'pixel'",
+                          "--noise-space normalized' again or delete it")
+    report.write_text(json.dumps({**data, "results": [{"noise": 0.5, "acc": 80}]}))  # a percentage
+    assert_one_line_error(cli("compare", str(spaces / "*")), f"{report}: not an eval report",
+                          "each acc in [0, 1]")
+
+
+def test_a_stale_normalized_report_is_named_with_its_option(cli, tmp_path):
+    run = make_run(tmp_path, "a", (0.5, 0.6), normalized=[(0.5, 0.3)], normalized_epoch=1)
+    result = cli("compare", str(run))
+    assert result.code == 0
+    assert (f"{run / 'eval' / 'noise-normalized-latest.json'}: evaluates epoch 1, and the run has 2; "
+            f"run 'layerwise eval {run} --noise-space normalized' again") in " ".join(result.err.split())
+
+
 def test_plot_writes_a_png_with_test_and_validation_curves(cli, tmp_path):
     pytest.importorskip("matplotlib")
     make_run(tmp_path / "runs", "a", (0.5, 0.6), val=(0.4, 0.5))
@@ -236,8 +331,9 @@ def test_a_damaged_file_is_one_line_naming_it(cli, tmp_path):
         f.write('{"epoch": 3, "test_a')
     assert_one_line_error(cli("compare", str(run)), f"{run / 'metrics.jsonl'}: line 3 is not an epoch record")
     run = make_run(tmp_path, "b", (0.5,))
-    (run / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "high"}\n')
-    assert_one_line_error(cli("compare", str(run)), "line 1: test_acc is 'high', not a number")
+    record = json.loads((run / "metrics.jsonl").read_text())
+    (run / "metrics.jsonl").write_text(json.dumps({**record, "test_acc": "high"}) + "\n")
+    assert_one_line_error(cli("compare", str(run)), "line 1: test_acc: expected a number in [0, 1], found 'high'")
     run = make_run(tmp_path, "c", (0.5,), noise=[(0.5, 0.3)])
     (run / "eval" / "noise-latest.json").write_text("{not json")
     assert_one_line_error(cli("compare", str(run)), f"{run / 'eval' / 'noise-latest.json'}: not a readable eval report")

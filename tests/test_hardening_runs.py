@@ -1,9 +1,10 @@
 """Run folders and checkpoints that may come from strangers, and the races around a run folder.
 
 Crafted metadata in a checkpoint or resume state, recipe names that a shell or a terminal would
-read as commands, two processes training one folder, a kill while a run folder is being created,
-and a recipe given to ``eval``. Each refusal is one line with exit code 2, and a refused command
-leaves the run folder byte for byte as it was. docs/reliability.md lists these faults.
+read as commands, two processes training one folder, a kill while a run folder is being created
+(and the unfinished folder it leaves), a recipe given to ``eval``, and crafted ``metrics.jsonl``
+lines. Each refusal is one line with exit code 2, and a refused command leaves the run folder
+byte for byte as it was. docs/reliability.md lists these faults.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from layerwise.checkpoint import WEIGHTS_FILE, read_safetensors
 from layerwise.errors import CheckpointError, LayerwiseError
 from layerwise.factory import parse_recipe
 from layerwise.resume import STATE_FILE
-from layerwise.runs import LATEST, METRICS_FILE, create_run_dir, lock_run, resolve_run
+from layerwise.runs import (
+    LATEST,
+    LOCK_FILE,
+    METRICS_FILE,
+    STAGING_GRACE_SECONDS,
+    create_run_dir,
+    lock_run,
+    read_metrics,
+    remove_abandoned_run_folders,
+    resolve_run,
+)
 from tests.helpers import (
     REPO,
     folder_snapshot,
@@ -100,6 +111,13 @@ CRAFTED_STATES = {
     "record-list": ({"record": "[]"}, "'record' metadata is not an epoch record: expected a mapping"),
     "record-empty": ({"record": "{}"}, "not an epoch record: epoch: expected a number of epochs"),
     "record-epoch-x": ({"record": '{"epoch":"x"}'}, "epoch: expected a number of epochs, found 'x'"),
+    "record-without-seconds": ({"record": json.dumps({"epoch": 1, "train_acc": 0.5, "global_loss": 2.0, "blocks": {},
+                                                      "test_acc": 0.5, "test_loss": 2.0})},
+                               "not an epoch record: train_seconds: expected a number of seconds >= 0, "
+                               "found no such key"),
+    "record-accuracy-percent": ({"record": json.dumps({"epoch": 1, "train_acc": 50, "global_loss": 2.0, "blocks": {},
+                                                       "test_acc": 0.5, "test_loss": 2.0, "train_seconds": 1})},
+                                "train_acc: expected a number in [0, 1], found 50"),
     "no-optimizers": ({"optimizers": None}, "has no 'optimizers' metadata"),
     "recipe-escape-name": (None, "expected printable characters only"),
 }
@@ -332,6 +350,106 @@ def test_a_kill_while_a_run_folder_is_created_leaves_latest_on_a_complete_run(tm
 
     assert run_folder_to_resume(resolve_run(None, root)) == old  # what --resume does first
 
+    # The unfinished folder the kill left (none once the rename is done) goes at the next clean-up.
+    hidden = sorted(p for p in root.iterdir() if p.name.startswith(".tiny-"))
+    assert len(hidden) == (0 if where == "before latest" else 1), hidden
+    before = folder_snapshot(old)
+    assert remove_abandoned_run_folders(root) == (hidden, [])
+    assert not any(p.name.startswith(".tiny-") for p in root.iterdir())
+    assert folder_snapshot(old) == before and (root / LATEST).resolve() == old.resolve()  # never touched
+
+
+PAUSE_DURING_CREATE = """
+import sys
+from pathlib import Path
+import torch
+import layerwise.runs as runs
+from layerwise.factory import parse_recipe
+from tests.helpers import tiny_recipe
+
+real = runs.write_run_files
+def pause(run, *args):
+    real(run, *args)
+    print(run, flush=True)
+    sys.stdin.read()  # still creating the run folder, until told to go on
+runs.write_run_files = pause
+runs.create_run_dir(Path(sys.argv[1]), parse_recipe(tiny_recipe(), "tiny"), torch.device("cpu"))
+"""
+
+
+def test_an_unfinished_folder_is_left_while_its_creator_lives_and_removed_once_it_is_killed(tmp_path):
+    root = tmp_path / "runs"
+    creator = subprocess.Popen([sys.executable, "-c", PAUSE_DURING_CREATE, str(root)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        staging = Path(creator.stdout.readline().strip())
+        assert staging.parent == root and staging.name.startswith(".tiny-") and staging.name.endswith(".tmp")
+        assert (staging / LOCK_FILE).read_text().strip() == str(creator.pid)
+        before = folder_snapshot(staging)
+        assert remove_abandoned_run_folders(root) == ([], [])  # its creator holds the lock: it lives
+        assert folder_snapshot(staging) == before
+    finally:
+        creator.send_signal(signal.SIGKILL)
+        creator.wait()
+    assert remove_abandoned_run_folders(root) == ([staging], [])  # the kernel dropped the dead creator's lock
+    assert list(root.iterdir()) == []
+
+
+def test_a_finishing_creator_is_not_disturbed(tmp_path):
+    root = tmp_path / "runs"
+    creator = subprocess.Popen([sys.executable, "-c", PAUSE_DURING_CREATE, str(root)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    staging = Path(creator.stdout.readline().strip())
+    assert remove_abandoned_run_folders(root) == ([], [])
+    creator.communicate("")  # goes on: renames the folder into place and points latest at it
+    assert creator.returncode == 0
+    run = resolve_run(None, root)
+    assert not staging.exists() and run.name == staging.name[1:].split(".")[0]
+    assert {p.name for p in run.iterdir()} == {"recipe.yaml", "env.json", "eval", ".lock"}
+
+
+def age(path: Path, seconds: float) -> None:
+    """Make ``path``'s last change ``seconds`` old."""
+    then = path.stat().st_mtime - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_folder_killed_before_it_was_locked_is_removed_after_the_grace_period(tmp_path):
+    root = tmp_path / "runs"
+    no_lock = root / ".tiny-20260101-000000.abc123.tmp"  # killed between mkdtemp and the lock
+    no_pid = root / ".tiny-20260101-000000.def456.tmp"  # killed between the lock and the pid
+    for folder in (no_lock, no_pid):
+        (folder / "eval").mkdir(parents=True)
+    (no_pid / LOCK_FILE).write_text("")
+    others = [root / ".notes.tmp", root / ".cache", root / "tiny-20260101-000000"]  # not unfinished run folders
+    for folder in others:
+        folder.mkdir()
+        age(folder, 2 * STAGING_GRACE_SECONDS)
+    assert remove_abandoned_run_folders(root) == ([], [])  # young: its creator may be locking it this instant
+    for folder in (no_lock, no_pid):
+        age(folder, 2 * STAGING_GRACE_SECONDS)
+    assert remove_abandoned_run_folders(root) == ([no_lock, no_pid], [])
+    assert sorted(root.iterdir()) == sorted(others)
+    assert remove_abandoned_run_folders(tmp_path / "missing") == ([], [])
+
+
+@pytest.mark.integration
+@needs_mnist
+def test_train_removes_the_unfinished_folders_of_killed_processes_and_says_so(cli, tmp_path):
+    root = tmp_path / "runs"
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_CREATE, str(root), "before env.json"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (hidden,) = root.iterdir()
+    data = tiny_recipe(train_limit=256)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = cli("train", str(recipe), "--runs-dir", str(root), "--no-progress")
+    assert result.code == 0, result.err
+    assert (f"removed 1 unfinished run folder left in {root} by a killed layerwise process: {hidden.name}"
+            in result.err.splitlines())
+    assert sorted(p.name for p in root.iterdir()) == sorted([LATEST, resolve_run(None, root).name])
+
 
 def test_a_new_run_folder_is_complete_locked_and_latest(tmp_path):
     root = tmp_path / "runs"
@@ -366,3 +484,92 @@ def test_eval_of_other_garbage_still_says_corrupt(cli, tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_text(textwrap.dedent("just: text\nnot: a recipe\n"))
     one_line_error(cli("eval", str(path)), "not a readable safetensors checkpoint")
+
+
+# --------------------------------------------------------------------------- 6. crafted metrics.jsonl
+
+
+def epoch_record(epoch: int) -> dict:
+    return {"epoch": epoch, "train_acc": 0.5, "global_loss": 2.0, "blocks": {"hsic1": {"loss": -0.1}},
+            "test_acc": 0.5, "test_loss": 2.0, "train_seconds": 0.1}
+
+
+# Line -> what replaces it in the log of a run at epoch 3 (a whole line of text, or a record), and the
+# refusal, after 'metrics.jsonl: '.
+CRAFTED_METRICS = {
+    "epoch-0": (1, {"epoch": 0}, "line 1: epoch: expected an epoch number of 1 or more, found 0"),
+    "epoch-only": (2, {"epoch": 2}, "line 2: train_acc: expected a number in [0, 1], found no such key"),
+    "epoch-skipped": (2, epoch_record(3), "line 2: epoch: expected 2 (line N holds epoch N), found 3"),
+    "epoch-text": (2, {**epoch_record(2), "epoch": "2"}, "line 2: epoch: expected a number of epochs, found '2' (str)"),
+    "epoch-float": (1, {**epoch_record(1), "epoch": 1.0}, "line 1: epoch: expected a number of epochs, found 1.0"),
+    "accuracy-above-1": (2, {**epoch_record(2), "test_acc": 1.5},
+                         "line 2: test_acc: expected a number in [0, 1], found 1.5"),
+    "accuracy-nan": (1, {**epoch_record(1), "train_acc": float("nan")},
+                     "line 1: train_acc: expected a number in [0, 1], found nan"),
+    "accuracy-bool": (1, {**epoch_record(1), "train_acc": True},
+                      "line 1: train_acc: expected a number in [0, 1], found True (bool)"),
+    "validation-text": (2, {**epoch_record(2), "val_acc": "high"},
+                        "line 2: val_acc: expected a number in [0, 1], found 'high'"),
+    "seconds-negative": (2, {**epoch_record(2), "train_seconds": -3},
+                         "line 2: train_seconds: expected a number of seconds >= 0, found -3"),
+    "loss-missing": (2, {k: v for k, v in epoch_record(2).items() if k != "test_loss"},
+                     "line 2: test_loss: expected a number, found no such key"),
+    "blocks-missing": (1, {k: v for k, v in epoch_record(1).items() if k != "blocks"},
+                       "line 1: blocks: expected a mapping of block names to metrics, found no such key"),
+    "block-metric-text": (2, {**epoch_record(2), "blocks": {"hsic1": {"loss": "low"}}},
+                          "line 2: blocks.hsic1.loss: expected a number, found 'low'"),
+    "block-name-escape": (2, {**epoch_record(2), "blocks": {"\x1b[2J": {"loss": None}}},
+                          "line 2: blocks.\\x1b[2J.loss: expected a number, found None"),
+    "lr-negative": (2, {**epoch_record(2), "lr": {"local": -1}}, "line 2: lr.local: expected a learning rate >= 0"),
+    "stage-seconds-short": (2, {**epoch_record(2), "stages": [["hsic1"], ["bp1", "head"]], "stage_seconds": [1.0]},
+                            "line 2: stage_seconds: expected 2 numbers of seconds >= 0, one per stage"),
+    "not-json": (2, '{"epoch": 2, "train_a', "line 2 is not an epoch record"),
+    "deep": (1, "[" * 100_000 + "]" * 100_000, "line 1 is not an epoch record"),
+}
+
+
+@pytest.fixture
+def logged_run(tmp_path) -> Path:
+    """A run whose resume state is at epoch 3 of 3 and whose metrics.jsonl has epochs 1 and 2 (as a
+    kill between the state and the log leaves it): every reader reads the log."""
+    run = make_finished_run(tmp_path / "runs" / "tiny-20260101-000000", epochs=3)
+    (run / METRICS_FILE).write_text("".join(json.dumps(epoch_record(epoch)) + "\n" for epoch in (1, 2)))
+    return run
+
+
+@pytest.mark.parametrize("command", ["compare", "plot", "resume"])
+@pytest.mark.parametrize("case", sorted(CRAFTED_METRICS))
+def test_a_crafted_metrics_line_is_refused_naming_line_and_key_and_nothing_changes(cli, logged_run, tmp_path,
+                                                                                    case, command):
+    if command == "plot":
+        pytest.importorskip("matplotlib")
+    line, replacement, message = CRAFTED_METRICS[case]
+    path = logged_run / METRICS_FILE
+    lines = path.read_text().splitlines()
+    lines[line - 1] = replacement if isinstance(replacement, str) else json.dumps(replacement)
+    path.write_text("\n".join(lines) + "\n")
+    before = folder_snapshot(logged_run)
+    out = tmp_path / "plots"
+    result = {"compare": lambda: cli("compare", str(logged_run)),
+              "plot": lambda: cli("plot", str(logged_run), "--out", str(out)),
+              "resume": lambda: resume(cli, logged_run)}[command]()
+    one_line_error(result, f"{path}: {message}", "fix that line, or delete it and the lines after it")
+    assert folder_snapshot(logged_run) == before and not out.exists()
+
+
+def test_the_unchanged_log_is_read_by_every_reader(cli, logged_run, tmp_path):
+    """The crafted cases above differ from this log in their one line only."""
+    pytest.importorskip("matplotlib")
+    (row,) = json.loads(cli("compare", str(logged_run), "--json").out)
+    assert row["epochs"] == 2 and row["test_acc"]["mean"] == 0.5
+    assert cli("plot", str(logged_run), "--out", str(tmp_path / "plots")).code == 0
+    assert [r["epoch"] for r in read_metrics(logged_run / METRICS_FILE)] == [1, 2]
+
+
+def test_a_log_that_lacks_an_epoch_before_the_resume_state_is_refused(cli, logged_run):
+    path = logged_run / METRICS_FILE
+    path.write_text(json.dumps(epoch_record(1)) + "\n")  # epoch 2 cut off; the state is at epoch 3
+    before = folder_snapshot(logged_run)
+    one_line_error(resume(cli, logged_run), f"{path}: holds epoch 1, and the resume state is at epoch 3, so epoch 2 "
+                                            f"is missing and the log cannot be rebuilt")
+    assert folder_snapshot(logged_run) == before

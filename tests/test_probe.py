@@ -90,8 +90,10 @@ def crafted_run(root, name, blocks=("hsic1", "head"), epochs=3, report=True):
     """A run folder with metrics.jsonl (hsic1 logs nHSIC) and, if ``report``, eval/probe-latest.json."""
     run = root / name
     (run / "eval").mkdir(parents=True)
-    lines = [json.dumps({"epoch": e, "test_acc": 0.5 + e / 10, "blocks": {"hsic1": {
-        "loss": -1.0, "hsic_zx": 10.0 + e, "hsic_zy": 5.0 + e / 2}}}) for e in range(1, epochs + 1)]
+    lines = [json.dumps({"epoch": e, "train_acc": 0.5, "global_loss": 1.0, "test_acc": min(0.5 + e / 100, 1.0),
+                         "test_loss": 1.0, "train_seconds": 1.0,
+                         "blocks": {"hsic1": {"loss": -1.0, "hsic_zx": 10.0 + e, "hsic_zy": 5.0 + e / 2}}})
+             for e in range(1, epochs + 1)]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if report:
         rows = [{"block": b, "test_acc": 0.9 - i / 10, "hsic_zx": 12.0 - i, "hsic_zy": 6.0 - i}

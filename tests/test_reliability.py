@@ -31,6 +31,7 @@ from tests.helpers import (
     assert_same_tensors,
     epochs_in_metrics,
     finish,
+    folder_snapshot,
     real_mnist_present,
     start_layerwise,
     tiny_recipe,
@@ -626,6 +627,9 @@ def test_an_unreadable_recipe_is_one_line(cli, tmp_path, monkeypatch):
 @needs_mnist
 def test_a_damaged_metrics_log_is_named_on_resume(cli, recipe_file, tmp_path, monkeypatch):
     run = interrupted_run(cli, recipe_file, tmp_path / "runs", monkeypatch, 2, before_weights=False)
-    (run / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n')
+    first = (run / "metrics.jsonl").read_text().splitlines()[0]  # epoch 1's whole record
+    (run / "metrics.jsonl").write_text(first + '\n{"epo\n')
+    before = folder_snapshot(run)
     assert_one_line_error(cli("train", "--resume", str(run), "--no-progress"),
                           f"{run / 'metrics.jsonl'}: line 2 is not an epoch record")
+    assert folder_snapshot(run) == before  # refused before the lock's pid or any file changed

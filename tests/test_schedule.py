@@ -172,7 +172,7 @@ def test_the_python_trainer_takes_a_schedule_and_the_epochs():
 
 
 def record_of(epoch: int, summary: dict) -> dict:
-    return {"epoch": epoch, **summary, "test_acc": 0.0, "test_loss": 0.0}
+    return {"epoch": epoch, **summary, "test_acc": 0.0, "test_loss": 0.0, "train_seconds": 0.1}
 
 
 def test_a_resumed_trainer_trains_each_epoch_at_the_same_lr_bit_for_bit(tmp_path):
