@@ -136,6 +136,7 @@ LOCAL_METHODS = {"ff": ("mnist_ff", "ff", ("ff1", "ff2", "ff3")),
 LOCAL_SELECT_EPOCHS = 3
 LOCAL_EPOCHS = {"ff": 10, "sigprop": 6}
 LOCAL_TARGETS = {"ff": 98.0, "sigprop": 97.5}
+LOCAL_LONG_EPOCHS = 30  # one longer FF run (seed 0): how far more epochs take it
 
 
 def objective_paths(recipe_name: str) -> list[str]:
@@ -231,6 +232,11 @@ def local_jobs(seeds: list[int], out: Path) -> list[Job]:
                             twin + COSINE + epochs + [f"seed={seed}", f"name=mnist_{method}_backprop_twin"],
                             {"dataset": "mnist", "method": f"{method}'s backprop twin", "candidate": "—",
                              "seed": seed}, eval_noise=[0.0]))
+        if method == "ff":
+            jobs.append(Job(f"mnist/ff-long/seed{seeds[0]}", LOCAL_METHODS[method][0],
+                            best["settings"] + [f"train.epochs={LOCAL_LONG_EPOCHS}", f"seed={seeds[0]}"],
+                            {"dataset": "mnist", "method": f"ff, {LOCAL_LONG_EPOCHS} epochs",
+                             "candidate": best["candidate"], "seed": seeds[0]}, eval_noise=[0.0]))
     return jobs
 
 
