@@ -20,12 +20,13 @@ head, on MNIST at batch 256.
   polled every 50 ms, for depths 8, 16 and 32 in one process and in 2 and 4 stages; and that of
   an idle process that only imported torch and layerwise, the share every process pays anyway.
   (``--quick`` reads the peaks from the first repeat's speed runs (a), (c) and (d) instead, to
-  save process start-ups.)
+  save process start-ups; only those of them that ``--configs`` names, if it is given.)
 
 Writes ``docs/results/pipeline.json`` (every raw number) and ``docs/results/pipeline.md``.
 
     python benchmarks/pipeline.py                  # 8 blocks of 512, 10240 samples, 3 repeats
     python benchmarks/pipeline.py --quick --repeats 1   # 4 blocks of 128, to check the code
+    python benchmarks/pipeline.py --quick --repeats 1 --configs a c   # only (a) and (c)
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def same_weights(path: Path, reference: Path) -> bool:
 def measure_speed(args, work: Path) -> dict:
     recipe = write_recipe(work, stack_recipe(args.depth, args.width, args.batch, args.train_limit, args.epochs))
     # --quick checks the code: the ceiling (two separate runs) says nothing about it, so it is left out.
-    configs = {name: c for name, c in CONFIGS.items() if not (args.quick and c.get("copies"))}
+    configs = {name: c for name, c in CONFIGS.items()
+               if (name in args.configs if args.configs else not (args.quick and c.get("copies")))}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for repeat in range(args.repeats):
         for name, config in configs.items():
@@ -305,13 +307,14 @@ def idle_baseline_mib(extra_env: dict) -> float:
 
 def measure_memory(args, work: Path, speed: dict | None) -> dict:
     """Each process's peak for every depth in 1, 2 and 4 stages; with ``--quick``, read from the
-    first repeat's speed runs (a), (c) and (d) instead, to save start-ups."""
+    first repeat's one-thread speed runs instead ((a), (c) and (d), or those --configs names), to save start-ups."""
     if args.quick and speed is not None:
-        rows = [{"depth": args.depth, "stages": c["stages"], **c["runs"][0]["memory"]}
-                for c in speed["configurations"].values() if "memory" in c["runs"][0]]
+        watched = [name for name, c in speed["configurations"].items() if "memory" in c["runs"][0]]
+        rows = [{"depth": args.depth, "stages": speed["configurations"][name]["stages"],
+                 **speed["configurations"][name]["runs"][0]["memory"]} for name in watched]
         return {"width": args.width, "batch": args.batch, "train_samples": args.train_limit, "epochs": args.epochs,
                 "threads_per_process": 1, "env": {}, "poll_seconds": POLL_SECONDS, "from_speed_runs": True,
-                "idle_process_mib": idle_baseline_mib({}), "rows": rows}
+                "speed_runs": watched, "idle_process_mib": idle_baseline_mib({}), "rows": rows}
     rows = []
     for depth in args.memory_depths:
         recipe = write_recipe(work, stack_recipe(depth, args.width, args.batch, args.memory_train_limit, 1))
@@ -369,8 +372,11 @@ def markdown(result: dict) -> list[str]:
     memory = result.get("memory")
     if memory:
         counts = sorted({r["stages"] for r in memory["rows"]})
-        source = ("read from the first repeat's speed runs (a), (c) and (d)" if memory.get("from_speed_runs")
-                  else "one run each")
+        source = "one run each"
+        if memory.get("from_speed_runs"):
+            names = [f"({name})" for name in memory.get("speed_runs", ["a", "c", "d"])]
+            listed = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+            source = f"read from the first repeat's speed run{'s' if len(names) > 1 else ''} {listed}"
         env = "".join(f", {k}={v}" for k, v in memory["env"].items())
         lines += [f"Memory: peak resident set (VmHWM, MiB) of each training process, polled every "
                   f"{memory['poll_seconds'] * 1000:.0f} ms, {source}; nHSIC blocks of {memory['width']}, "
@@ -401,10 +407,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per speed run; the last is timed")
     parser.add_argument("--memory-depths", type=int, nargs="+", default=None, help="default 8 16 32")
     parser.add_argument("--memory-train-limit", type=int, default=512)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None, metavar="NAME",
+                        help="speed configurations to run, of " + ", ".join(sorted(CONFIGS)) + " (default: all; "
+                             "with --quick, all but e); a, the reference, must be one")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     args = parser.parse_args(argv)
+    if args.configs is not None and "a" not in args.configs:
+        parser.error("--configs: a (one process, 1 thread) is the reference the others are compared with; "
+                     "include it")
     quick = args.quick
     args.depth = args.depth or (4 if quick else 8)
     args.width = args.width or (128 if quick else 512)

@@ -98,15 +98,16 @@ def test_python_snippet_benchmark_tiny(tmp_path):
 
 
 def test_pipeline_benchmark_quick(tmp_path, mnist_available):
-    load("pipeline").main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
+    # One process and 2 stages only: 4-stage exactness is tests/test_pipeline.py's (mnist_hsic in 4 stages).
+    load("pipeline").main(["--quick", "--repeats", "1", "--configs", "a", "c", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "pipeline.json").read_text())
     configurations = result["speed"]["configurations"]
-    assert set(configurations) == {"a", "b", "c", "d"}
+    assert set(configurations) == {"a", "c"}
     assert all(c["median_samples_per_s"] > 0 for c in configurations.values())
-    assert configurations["c"]["weights_identical"] and configurations["d"]["weights_identical"]
-    assert [len(result["speed"]["bubbles"][name]) for name in ("c", "d")] == [2, 4]
+    assert configurations["c"]["weights_identical"]
+    assert [len(stages) for stages in result["speed"]["bubbles"].values()] == [2]
     rows = result["memory"]["rows"]
-    assert [r["stages"] for r in rows] == [1, 2, 4]
+    assert [r["stages"] for r in rows] == [1, 2]
     assert all(len(r["stage_peak_mib"]) == r["stages"] and min(r["stage_peak_mib"]) > 0 for r in rows)
     assert result["memory"]["idle_process_mib"] > 0
     assert "weights identical to one process" in (tmp_path / "pipeline.md").read_text()

@@ -13,6 +13,7 @@ a pipeline of N processes, one stage of blocks each, and trains the weights of o
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -23,12 +24,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from layerwise import distributed
 from layerwise.pipeline import STAGES_ENV
-from tests.helpers import REPO, assert_one_line_error, assert_same_tensors, epochs_in_metrics, process_tree
+from tests.helpers import (
+    REPO,
+    CliResult,
+    assert_one_line_error,
+    assert_same_tensors,
+    epochs_in_metrics,
+    process_tree,
+)
 
 RECIPES = REPO / "recipes"
 
@@ -68,6 +77,39 @@ def train(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess
     """``layerwise train ARGS --no-progress`` in a subprocess, to the end."""
     return subprocess.run([sys.executable, "-m", "layerwise", "train", *args, "--no-progress"], cwd=cwd,
                           env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def train_here(*args: str) -> CliResult:
+    """``layerwise train ARGS --no-progress`` in this process, to the end: one process's run without
+    a Python and torch start-up. In one thread, as the stages run (``OMP_NUM_THREADS=1``), so that
+    its sums are theirs; no stage count in the environment."""
+    from layerwise.cli import main
+
+    argv, threads, stages = sys.argv, torch.get_num_threads(), os.environ.pop(STAGES_ENV, None)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    sys.argv = ["layerwise", "train", *args, "--no-progress"]
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        if stages is not None:
+            os.environ[STAGES_ENV] = stages
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def torchrun(nproc: int, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m layerwise train ARGS --no-progress``, to the end:
+    the workers ``layerwise train ARGS --nproc NPROC`` starts, without the process that launches them
+    (for a reference run: one Python and torch start-up fewer)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "layerwise", "train", *args, "--no-progress"], cwd=cwd,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def start_train(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
@@ -110,14 +152,15 @@ def localce_recipe(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """``reference(*args)``: the run folder of ``layerwise train ARGS`` in one process, trained once per module."""
+    """``reference(*args)``: the run folder of ``layerwise train ARGS`` in one process, trained once per
+    module (here, in this process: see :func:`train_here`)."""
     done: dict[tuple[str, ...], Path] = {}
 
     def run(*args: str) -> Path:
         if args not in done:
             folder = tmp_path_factory.mktemp("reference")
-            result = train(*args, "--runs-dir", "runs", cwd=folder)
-            assert result.returncode == 0, result.stderr[-3000:]
+            result = train_here(*args, "--runs-dir", str(folder / "runs"))
+            assert result.code == 0, result.err[-3000:]
             done[args] = latest(folder / "runs")
         return done[args]
 
@@ -171,7 +214,7 @@ def stage_process(launcher: subprocess.Popen, stage: int, timeout: float = 60) -
                 if f"LOCAL_RANK={stage}".encode() in environ and b"train" in command:
                     return pid
         assert launcher.poll() is None, launcher.communicate()
-        time.sleep(0.05)
+        time.sleep(0.25)  # each look reads every /proc/*/stat: CPU the starting workers need
     raise AssertionError(f"no worker for stage {stage} within {timeout}s")
 
 
@@ -218,13 +261,22 @@ def release(tree: dict[int, str | None]) -> None:
                 os.kill(pid, sig)
 
 
+def pending_signals(pid: int) -> int:
+    """The signals sent to process ``pid`` and not yet delivered (a mask, bit N-1 for signal N)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("ShdPnd:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no ShdPnd in /proc/{pid}/status")
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def signal_stage_1(launcher, runs, sig: int, timeout: float):
-    """Once epoch 1 is saved, send ``sig`` to stage 1's worker; return the launcher's stderr, the
-    seconds it took to end after the signal, and the processes of its tree still alive then."""
+def signal_stage_1(launcher, runs, sig: int, timeout: float, then=None):
+    """Once epoch 1 is saved, send ``sig`` to stage 1's worker (and call ``then(pid)`` with its pid, if
+    given); return the launcher's stderr, the seconds it took to end after the signal, and the
+    processes of its tree still alive then."""
     tree: dict[int, str | None] = {}
     try:
         victim = stage_process(launcher, 1)
@@ -233,6 +285,8 @@ def signal_stage_1(launcher, runs, sig: int, timeout: float):
         assert victim in tree and len(tree) >= 4, tree
         os.kill(victim, sig)
         signalled = time.monotonic()
+        if then is not None:
+            then(victim)
         _, err = launcher.communicate(timeout=timeout)
         return err, time.monotonic() - signalled, still_running(tree)
     finally:
@@ -264,9 +318,9 @@ def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, re
     shutil.copytree(run, elsewhere)
 
     # The same state continues in one process, exactly: the stages split blocks, not batches ...
-    alone = train("--resume", str(elsewhere), cwd=tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    assert f"resuming {elsewhere} after epoch 1 of 2" in " ".join(alone.stderr.split())
+    alone = train_here("--resume", str(elsewhere))
+    assert alone.code == 0, alone.err[-3000:]
+    assert f"resuming {elsewhere} after epoch 1 of 2" in " ".join(alone.err.split())
     assert_same_run(elsewhere, expected)
     assert load_state(elsewhere / STATE_FILE).processes == 1
 
@@ -278,13 +332,24 @@ def test_a_killed_stage_ends_the_run_and_it_resumes_bit_identically(tmp_path, re
     assert_same_run(run, expected, stages=2)
 
 
+def kill_when_torchrun_closes(victim: int, timeout: float = 60) -> None:
+    """Wait until torchrun has sent its SIGTERM to the stopped ``victim`` (it waits there, pending: a
+    stopped process takes no signal but SIGKILL), then send the SIGKILL torchrun sends 30 s later."""
+    deadline = time.monotonic() + timeout
+    while not pending_signals(victim) & 1 << (signal.SIGTERM - 1):
+        assert time.monotonic() < deadline, f"torchrun did not close the stopped stage within {timeout} s"
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGKILL)
+
+
 @pytest.mark.integration
 def test_a_stopped_stage_times_the_run_out(tmp_path, mnist_available):
     runs = tmp_path / "runs"
     launcher = start_train(*HSIC, "--stages", "2", "--runs-dir", "runs", cwd=tmp_path, LAYERWISE_DIST_TIMEOUT="10")
-    # Hung: its sockets stay open, only the timeout can tell. 10 s for stage 0 to give up, then up to
-    # 30 s for torchrun's SIGTERM before its SIGKILL.
-    err, took, left = signal_stage_1(launcher, runs, signal.SIGSTOP, timeout=90)
+    # Hung: its sockets stay open, only the timeout can tell. Stage 0 gives up after 10 s and exits,
+    # and torchrun closes the other stage: SIGTERM, then SIGKILL after a 30 s grace, which the test
+    # cuts short (the run's part is done once the SIGTERM is sent).
+    err, took, left = signal_stage_1(launcher, runs, signal.SIGSTOP, timeout=90, then=kill_when_torchrun_closes)
     assert launcher.returncode not in (0, None), err[-3000:]
     assert took < 90
     assert left == [], "every process of the run ended with it"
@@ -383,7 +448,7 @@ def test_nproc_with_stages_trains_the_weights_of_nproc_alone(tmp_path, mnist_ava
     # Data parallelism is exact only up to float rounding against one process; a pipeline of
     # replicas is bit-identical to the same replicas without stages (the same sums, over 2 ranks).
     args = (*HSIC[:1], "train.epochs=1", *HSIC[2:])
-    expected = train(*args, "--nproc", "2", "--runs-dir", "dp", cwd=tmp_path)
+    expected = torchrun(2, *args, "--runs-dir", "dp", cwd=tmp_path)  # as `--nproc 2` would start them
     assert expected.returncode == 0, expected.stderr[-3000:]
     done = train(*args, "--nproc", "2", "--stages", "2", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
