@@ -124,7 +124,7 @@ def test_a_short_mnist_run_predicts_by_goodness_well_above_chance(tmp_path, monk
     monkeypatch.setenv("LAYERWISE_DATA", str(tmp_path / "cache"))  # decoded cache here; MNIST read from the mirror
     narrow = [f"model.subnetworks.ff.blocks.{name}.out=200" for name in ("ff1", "ff2", "ff3")]
     run = lw.train("mnist_ff", ["data.train_limit=5000", "data.batch_size=128", "train.epochs=1", "train.device=cpu",
-                                  *narrow],
+                                  "model.streams.predict=goodness", *narrow],
                    runs_dir=tmp_path / "runs")
     print(f"mnist_ff, 1 epoch on 5,000 samples, 3 x 200: test_acc {run.final['test_acc']:.4f}")
     assert run.final["test_acc"] > 0.25, run.final

@@ -114,7 +114,8 @@ def test_a_short_mnist_run_beats_chance(tmp_path, monkeypatch):
     import layerwise as lw
 
     monkeypatch.setenv("LAYERWISE_DATA", str(tmp_path / "cache"))  # decoded cache here; MNIST read from the mirror
-    run = lw.train("mnist_sigprop", ["data.train_limit=2000", "train.epochs=1", "train.device=cpu"],
+    run = lw.train("mnist_sigprop", ["data.train_limit=2000", "train.epochs=1", "train.device=cpu",
+                                        "model.streams.predict=head"],
                    runs_dir=tmp_path / "runs")
     print(f"mnist_sigprop, 1 epoch on 2,000 samples: test_acc {run.final['test_acc']:.4f}")
     assert run.final["test_acc"] > 0.30, run.final
