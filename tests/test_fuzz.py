@@ -198,7 +198,7 @@ def check_clean(result) -> None:
         assert result.out.startswith("ok:"), result.out
 
 
-@settings(max_examples=250, deadline=None, derandomize=True, database=None,
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=cases())
 def test_validate_never_shows_a_traceback(cli, tmp_path, case):
@@ -306,9 +306,9 @@ def finished_run(tmp_path, monkeypatch) -> Path:
     return make_finished_run(tmp_path / "pristine" / "tiny-20260101-000000")
 
 
-FUZZ_CASES = settings(max_examples=250, deadline=None, derandomize=True, database=None,
+FUZZ_CASES = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-"""The crafted-file fuzzes: 250 cases each (the suite must stay under 10 minutes), reproducible, for a
+"""The crafted-file fuzzes: 200 cases each (the suite must stay under 10 minutes), reproducible, for a
 fixture-scoped finished run."""
 
 
