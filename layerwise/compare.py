@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from layerwise.errors import LayerwiseError, RecipeError
-from layerwise.runs import METRICS_FILE, NOISE_SPACES, noise_report_path, read_metrics, read_noise_report, report_prefix
+from layerwise.runs import (
+    METRICS_FILE,
+    NOISE_SPACES,
+    noise_report_path,
+    noise_space_option,
+    read_metrics,
+    read_noise_report,
+    report_prefix,
+)
 
 RECIPE_FILE = "recipe.yaml"
 GLOB_CHARS = "*?["
@@ -227,9 +235,8 @@ def read_run(path: Path, warn: Warn) -> RunSummary:
         read_noise(run, space)
         epoch = run.noise_epoch.get(space)
         if epoch is not None and epoch != run.epochs:
-            option = f" --noise-space {space}" if space != "pixel" else ""
             warn(f"{noise_report_path(path, space)}: evaluates epoch {epoch}, and the run has {run.epochs}; "
-                 f"run 'layerwise eval {path}{option}' again to update it")
+                 f"run 'layerwise eval {path}{noise_space_option(space)}' again to update it")
     return run
 
 
@@ -378,9 +385,8 @@ def sort_rows(rows: list[Row], key: str) -> list[Row]:
         space, level = noise
         levels = sorted({lvl for row in rows for lvl in row.noise_levels(space)})
         if level not in levels:
-            option = f" --noise-space {space}" if space != "pixel" else ""
             found = (", ".join(f"{lvl:g}" for lvl in levels)
-                     or f"none (run 'layerwise eval RUN --noise ...{option}' first)")
+                     or f"none (run 'layerwise eval RUN --noise ...{noise_space_option(space)}' first)")
             where = f" in {space} space" if space != "pixel" else ""
             raise LayerwiseError(f"--sort {key}: no run has an eval result at noise {level:g}{where}; "
                                  f"levels found: {found}")

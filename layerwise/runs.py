@@ -423,6 +423,12 @@ def report_prefix(noise_space: str) -> str:
     return "noise" if noise_space == "pixel" else f"noise-{noise_space}"
 
 
+def noise_space_option(noise_space: str) -> str:
+    """What ``layerwise eval`` needs to write a report in ``noise_space``: `` --noise-space normalized``,
+    or nothing for pixel space, the default."""
+    return "" if noise_space == "pixel" else f" --noise-space {noise_space}"
+
+
 def noise_report_path(run: Path, noise_space: str = "pixel") -> Path:
     """The run's latest ``layerwise eval`` report in ``noise_space``: ``eval/noise-latest.json``,
     or ``eval/noise-normalized-latest.json``."""
@@ -436,8 +442,7 @@ def read_noise_report(run: Path, noise_space: str = "pixel") -> dict | None:
     path = noise_report_path(run, noise_space)
     if not path.is_file():
         return None
-    again = f"run 'layerwise eval {run}" + (f" --noise-space {noise_space}" if noise_space != "pixel" else "")
-    again += "' again or delete it"
+    again = f"run 'layerwise eval {run}{noise_space_option(noise_space)}' again or delete it"
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors

@@ -25,6 +25,7 @@ from typing import Any
 
 from layerwise.errors import LayerwiseError
 from layerwise.recipe import Recipe, dump_recipe
+from layerwise.runs import is_number
 
 TB_FOLDER = "tb"
 MISSING_MESSAGE = ("--tensorboard needs TensorBoard: pip install 'layerwise[tensorboard]' "
@@ -64,11 +65,6 @@ def scalars(record: dict) -> dict[str, float]:
         if is_number(value):
             values[f"lr/{group}"] = float(value)
     return values
-
-
-def is_number(value: Any) -> bool:
-    """An int or a float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from tests.helpers import SHARED_DATA, CliResult, real_mnist_present
+from tests.helpers import SHARED_DATA, CliResult, call_main, real_mnist_present
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +23,10 @@ def mnist_available():
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """Run ``layerwise ARGS...`` in-process through the real entry point (error handling included)."""
-    from layerwise.cli import main
 
     def run(*args: str) -> CliResult:
-        monkeypatch.setattr(sys, "argv", ["layerwise", *args])
         monkeypatch.setenv("COLUMNS", "200")  # wide enough that rich does not wrap messages
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = call_main(*args)
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

@@ -42,6 +42,21 @@ class CliResult:
         self.code, self.out, self.err = code, out, err
 
 
+def call_main(*args: str) -> int:
+    """Run ``layerwise ARGS...`` in this process through the real entry point (its error handling
+    included); return the exit code. The caller captures the output."""
+    from layerwise.cli import main
+
+    argv, sys.argv = sys.argv, ["layerwise", *args]
+    try:
+        main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def assert_one_line_error(result, *fragments: str) -> str:
     """Exit code 2, no traceback, and an error that starts with 'error:' and holds every fragment.
 

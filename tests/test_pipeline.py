@@ -35,6 +35,7 @@ from tests.helpers import (
     CliResult,
     assert_one_line_error,
     assert_same_tensors,
+    call_main,
     epochs_in_metrics,
     process_tree,
 )
@@ -83,20 +84,13 @@ def train_here(*args: str) -> CliResult:
     """``layerwise train ARGS --no-progress`` in this process, to the end: one process's run without
     a Python and torch start-up. In one thread, as the stages run (``OMP_NUM_THREADS=1``), so that
     its sums are theirs; no stage count in the environment."""
-    from layerwise.cli import main
-
-    argv, threads, stages = sys.argv, torch.get_num_threads(), os.environ.pop(STAGES_ENV, None)
+    threads, stages = torch.get_num_threads(), os.environ.pop(STAGES_ENV, None)
     out, err = io.StringIO(), io.StringIO()
-    code = 0
-    sys.argv = ["layerwise", "train", *args, "--no-progress"]
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            code = call_main("train", *args, "--no-progress")
     finally:
-        sys.argv = argv
         torch.set_num_threads(threads)
         if stages is not None:
             os.environ[STAGES_ENV] = stages
