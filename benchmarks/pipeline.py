@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from layerwise.atomic import write_text_atomic
-from layerwise.runs import cpu_name
+from layerwise.runs import METRICS_FILE, cpu_name, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 NHSIC = {"name": "nhsic", "sigma": 5, "beta": 100}
@@ -110,10 +110,6 @@ def check_finished(code: int, command: list[str], log: Path) -> None:
         raise RuntimeError(f"exit code {code}: {' '.join(command)}\n{tail}")
 
 
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 # ----------------------------------------------------------------------------- speed
 
 
@@ -121,7 +117,7 @@ def timed_run(recipe: Path, stages: int, threads: int, work: Path, samples: int,
     """Train once; the measured (last) epoch's seconds, samples/s and per-stage times (and with
     ``watch``, each process's peak memory under ``"memory"``)."""
     run, command_seconds, memory = train_once(recipe, stages, threads, work, watch)
-    records = read_metrics(run)
+    records = read_metrics(run / METRICS_FILE)
     last = records[-1]
     seconds = max(last["stage_seconds"]) if "stage_seconds" in last else last["train_seconds"]
     row = {"samples_per_s": round(samples / seconds, 1), "epoch_seconds": seconds,
@@ -147,7 +143,7 @@ def timed_copies(recipe: Path, copies: int, work: Path, samples: int) -> dict:
     for process, command in zip(processes, commands, strict=True):
         if process.wait() != 0:
             raise RuntimeError(f"exit code {process.returncode}: {' '.join(command)}")
-    seconds = max(read_metrics(run_folder(folder))[-1]["train_seconds"] for folder in folders)
+    seconds = max(read_metrics(run_folder(folder) / METRICS_FILE)[-1]["train_seconds"] for folder in folders)
     return {"samples_per_s": round(copies * samples / seconds, 1), "epoch_seconds": seconds,
             "weights": str(run_folder(folders[0]) / "model.safetensors")}
 

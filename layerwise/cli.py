@@ -92,7 +92,7 @@ def train(
     from layerwise.factory import load_recipe
     from layerwise.runs import resolve_run
     from layerwise.shipped import resolve_recipe_path
-    from layerwise.train_run import resume_run, run_folder_to_resume, train_recipe
+    from layerwise.train_run import check_resumable, resume_run, run_folder_to_resume, train_recipe
 
     if resume and overrides:
         raise LayerwiseError(f"--resume takes no overrides (found {' '.join(overrides)}): a resumed run "
@@ -133,6 +133,8 @@ def train(
                 from layerwise.tensorboard_log import require_tensorboard
 
                 require_tensorboard()
+            if resume:
+                check_resumable(run, parsed)
             options = ["--runs-dir", str(runs_dir)] + (["--data-root", str(data_root)] if data_root else [])
             code = launch((nproc or 1) * stages,
                           ["train", *target, *options, *(["--no-progress"] if no_progress else [])], stages)

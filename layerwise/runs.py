@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -226,12 +227,65 @@ def check_writable(folder: Path) -> None:
                              f"its files are untouched") from None
 
 
+LATEST_TEMPORARY = re.compile(r"\.latest\.([0-9]{1,10})(\.[0-9a-f]+)?")
+"""The link :func:`point_latest` makes and renames onto ``latest``: ``.latest.<pid>.<random>``
+(``.latest.<pid>`` before the random part was added: a kill could leave those too)."""
+LATEST_GRACE_SECONDS = 60.0
+"""A temporary ``latest`` link is left alone this long, whatever its pid says: its creator may run
+where this process cannot see its pid (another machine sharing the runs folder, another container)."""
+
+
 def point_latest(root: Path, run: Path) -> None:
-    """Atomically repoint ``root/latest`` at ``run`` (a relative symlink, so the folder can move)."""
-    tmp = root / f".{LATEST}.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    """Atomically repoint ``root/latest`` at ``run`` (a relative symlink, so the folder can move).
+
+    The link is made under a temporary name, then renamed onto ``latest``; a process killed in
+    between leaves that name, which the next call removes (:func:`remove_abandoned_latest_links`).
+    """
+    remove_abandoned_latest_links(root)
+    # The random part makes every link's name new: a process given a dead one's pid never makes
+    # the name of that one's leftover, so removing a leftover can never remove a link in flight.
+    tmp = root / f".{LATEST}.{os.getpid()}.{secrets.token_hex(8)}"
     tmp.symlink_to(run.name)
-    os.replace(tmp, root / LATEST)
+    try:
+        os.replace(tmp, root / LATEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_abandoned_latest_links(root: Path) -> list[Path]:
+    """Delete the temporary ``latest`` links that processes killed in :func:`point_latest` left in
+    ``root``, and return them: those whose creator's pid (in the name) runs no process, once
+    :data:`LATEST_GRACE_SECONDS` old. A pid since reused keeps its leftover until that process
+    ends too: harmless, a symlink is a few bytes."""
+    removed: list[Path] = []
+    try:
+        links = [(p, int(m[1])) for p in root.iterdir() if (m := LATEST_TEMPORARY.fullmatch(p.name))]
+    except OSError:  # no runs folder yet, or one we cannot list: nothing to clean
+        return removed
+    for link, pid in links:
+        try:
+            young = time.time() - link.lstat().st_mtime < LATEST_GRACE_SECONDS
+            if young or not link.is_symlink() or process_exists(pid):
+                continue
+            link.unlink()
+        except OSError:  # renamed onto latest (or removed) meanwhile, or not ours to delete
+            continue
+        removed.append(link)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (another user's included)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to someone else
+        return True
+    except OverflowError:  # no pid is that large
+        return False
+    return True
 
 
 def git_commit() -> str | None:

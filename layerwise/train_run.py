@@ -154,15 +154,11 @@ def resume_run(
           joined(resolve_device(recipe.train.device), recipe.data.batch_size, stages) as group,
           contextlib.ExitStack() as held):
         rank = 0 if group is None else group.rank
-        if rank == 0:
-            check_unlocked(run)  # another process trains it: say so before anything else
         signature = file_signature(run / STATE_FILE)  # taken before the read: a later write is noticed below
-        state = load_run_state(run, recipe)
-        kept: list[dict] = []
         if rank == 0:
-            check_writable(run)
-            if state is not None:  # read, and checked, while the folder is still as it was
-                kept = epochs_before(run / METRICS_FILE, state)
+            state, kept = check_resumable(run, recipe)
+        else:
+            state, kept = load_run_state(run, recipe), []
         session = prepare(recipe, data_root, group, stages)
         if state is not None and not restore_state(state, session.graph, session.trainer.optimizers(), rank,
                                                    session.trainer.schedulers(), stage=stages > 1):
@@ -201,6 +197,19 @@ def run_folder_to_resume(run_dir: str | Path) -> Path:
         raise CheckpointError(f"{run}: not a run folder (it has no recipe.yaml); --resume takes a folder "
                               f"such as runs/latest or runs/<recipe>-<time>")
     return run
+
+
+def check_resumable(run: Path, recipe: Recipe) -> tuple[ResumeState | None, list[dict]]:
+    """The checks of a resume that need neither the data nor the model, and change nothing in
+    ``run``: the resume state and the records of ``metrics.jsonl`` before it (none when no epoch
+    has completed). ``layerwise train --resume --nproc N`` makes them before it launches the
+    processes too, so that a refusal is one line, as in one process, and not one per worker."""
+    check_unlocked(run)  # another process trains it: say so before anything else
+    state = load_run_state(run, recipe)
+    check_writable(run)
+    if state is None:  # the log is rewritten empty, unread
+        return None, []
+    return state, epochs_before(run / METRICS_FILE, state)  # read, and checked, while the folder is as it was
 
 
 def resume_note(run: Path, recipe: Recipe, state: ResumeState | None, group: Group | None) -> str:

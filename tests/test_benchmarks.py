@@ -110,3 +110,15 @@ def test_pipeline_benchmark_quick(tmp_path, mnist_available):
     assert all(len(r["stage_peak_mib"]) == r["stages"] and min(r["stage_peak_mib"]) > 0 for r in rows)
     assert result["memory"]["idle_process_mib"] > 0
     assert "weights identical to one process" in (tmp_path / "pipeline.md").read_text()
+
+
+def test_pipeline_benchmark_reads_the_metrics_log_as_every_reader_does(tmp_path, monkeypatch):
+    """Through layerwise.runs.read_metrics: a bad line is one error naming the line and the key
+    (it was a KeyError from the benchmark's own json.loads)."""
+    from layerwise.errors import LayerwiseError
+
+    pipeline = load("pipeline")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    monkeypatch.setattr(pipeline, "train_once", lambda *args: (tmp_path, 1.0, None))  # as if it had trained
+    with pytest.raises(LayerwiseError, match=r"line 1: train_acc: expected a number in \[0, 1\], found no such key"):
+        pipeline.timed_run(tmp_path / "recipe.yaml", 1, 1, tmp_path, 64)

@@ -33,7 +33,9 @@ from tests.helpers import (
     epochs_in_metrics,
     float64_batch,
     float64_trainer,
+    folder_snapshot,
     gradients,
+    make_finished_run,
     process_tree,
     start_layerwise,
     tiny_recipe,
@@ -278,6 +280,25 @@ def test_resume_with_nproc_checks_the_folder_before_launching(tmp_path, cli, mon
     assert result.code == 2
     assert f"{tmp_path}: not a run folder (it has no recipe.yaml)" in result.err
     assert FakePopen.commands == []
+
+
+@pytest.mark.parametrize("processes", [["--nproc", "2"], ["--stages", "2"]])
+def test_resume_with_nproc_refuses_a_crafted_metrics_line_before_launching(tmp_path, cli, monkeypatch, processes):
+    """As in one process: one line naming the file, the line and the key, and the folder unchanged;
+    before, the workers were launched and rank 0 refused it."""
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakePopen)
+    FakePopen.commands.clear()
+    run = make_finished_run(tmp_path / "runs" / "tiny-20260101-000000", epochs=2)
+    log = run / "metrics.jsonl"
+    log.write_text(json.dumps({"epoch": 0}) + "\n")  # the state is at epoch 2: the log's line 1 is read
+    before = folder_snapshot(run)
+    result = cli("train", "--resume", str(run), *processes, "--no-progress")
+    assert result.code == 2, result.err
+    assert result.err.strip().splitlines() == [
+        f"error: {log}: line 1: epoch: expected an epoch number of 1 or more, found 0; fix that line, or delete it "
+        f"and the lines after it"]
+    assert FakePopen.commands == [], "nothing is launched"
+    assert folder_snapshot(run) == before
 
 
 def test_resume_refuses_overrides_with_nproc_too(tmp_path, cli):

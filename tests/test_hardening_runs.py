@@ -28,12 +28,14 @@ from layerwise.factory import parse_recipe
 from layerwise.resume import STATE_FILE
 from layerwise.runs import (
     LATEST,
+    LATEST_GRACE_SECONDS,
     LOCK_FILE,
     METRICS_FILE,
     STAGING_GRACE_SECONDS,
     create_run_dir,
     lock_run,
     read_metrics,
+    remove_abandoned_latest_links,
     remove_abandoned_run_folders,
     resolve_run,
 )
@@ -328,8 +330,14 @@ if where == "before recipe.yaml":
     runs.write_text_atomic = kill
 elif where == "before env.json":
     runs.git_commit = kill
-else:
+elif where == "before latest":
     runs.point_latest = kill
+else:  # after the link to the new run is made, before it is renamed onto latest
+    real_point_latest = runs.point_latest
+    def point_latest(*args):
+        os.replace = kill
+        real_point_latest(*args)
+    runs.point_latest = point_latest
 runs.create_run_dir(Path(sys.argv[1]), parse_recipe(tiny_recipe(), "tiny"), torch.device("cpu"))
 """
 
@@ -409,9 +417,9 @@ def test_a_finishing_creator_is_not_disturbed(tmp_path):
 
 
 def age(path: Path, seconds: float) -> None:
-    """Make ``path``'s last change ``seconds`` old."""
-    then = path.stat().st_mtime - seconds
-    os.utime(path, (then, then))
+    """Make ``path``'s last change ``seconds`` old (a symlink's own, not its target's)."""
+    then = path.lstat().st_mtime - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
 
 
 def test_a_folder_killed_before_it_was_locked_is_removed_after_the_grace_period(tmp_path):
@@ -449,6 +457,32 @@ def test_train_removes_the_unfinished_folders_of_killed_processes_and_says_so(cl
     assert (f"removed 1 unfinished run folder left in {root} by a killed layerwise process: {hidden.name}"
             in result.err.splitlines())
     assert sorted(p.name for p in root.iterdir()) == sorted([LATEST, resolve_run(None, root).name])
+
+
+def test_a_link_left_by_a_kill_before_latest_moved_is_removed_once_its_creator_is_gone(tmp_path):
+    root = tmp_path / "runs"
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_CREATE, str(root), "before the rename onto latest"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [p for p in root.iterdir() if p.name.startswith(f".{LATEST}.")]
+    assert left.is_symlink() and not os.path.lexists(root / LATEST)
+    in_flight = root / f".{LATEST}.{os.getpid()}.0123abcd"  # a live creator's (this process stands for it)
+    in_flight.symlink_to(left.readlink())
+    for link in (left, in_flight):
+        age(link, 2 * LATEST_GRACE_SECONDS)
+    run, lock = create_run_dir(root, parse_recipe(tiny_recipe(), "tiny"), torch.device("cpu"))
+    lock.release()
+    assert (root / LATEST).resolve() == run.resolve()
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [in_flight.name]
+
+    dead = int(left.name.split(".")[2])  # the killed creator's pid
+    young = root / f".{LATEST}.{dead}.4567cdef"  # left alone whatever its pid says: its creator may run elsewhere
+    older = root / f".{LATEST}.{dead}"  # as a kill left it before the name had a random part
+    for link in (young, older):
+        link.symlink_to(run.name)
+    age(older, 2 * LATEST_GRACE_SECONDS)
+    assert remove_abandoned_latest_links(root) == [older]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted([in_flight.name, young.name])
 
 
 def test_a_new_run_folder_is_complete_locked_and_latest(tmp_path):
