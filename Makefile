@@ -23,10 +23,12 @@ install: $(BIN)/layerwise
 train: install
 	$(BIN)/layerwise train $(RECIPE)
 
-# Lint first (ruff, configured in pyproject.toml, comes with the test extra), then the tests.
+# Lint first (ruff, configured in pyproject.toml, comes with the test extra), then the tests, in one
+# pytest-xdist worker per core (at most 4: each holds its own torch), a test file's tests in one worker
+# so that a module's trained fixtures are built once.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests plugins -q
+	$(BIN)/python -m pytest tests plugins -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -19,11 +19,17 @@ class PipeFriendlyConsole(Console):
 
     Emoji codes stay as written: rich would turn the ``:x:`` of ``--sort noise:x: expected ...``, or
     of a run's name, into an emoji in errors and tables.
+
+    The width follows ``$COLUMNS`` at each print too: rich reads it once, when the console is made
+    (at import), so a program or test runner that sets it later (pytest-xdist's workers start with
+    80) would otherwise keep the width of that moment.
     """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("emoji", False)
         super().__init__(*args, **kwargs)
+        if kwargs.get("width") is None:
+            self._width = None  # rich's size then reads $COLUMNS (or the terminal) when it is asked
 
     @property
     def soft_wrap(self) -> bool:
