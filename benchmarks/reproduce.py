@@ -33,7 +33,7 @@ from layerwise.factory import load_recipe
 from layerwise.noise_eval import evaluate_noise
 from layerwise.progress import progress_bar
 from layerwise.recipe import objective_name
-from layerwise.runs import cpu_name
+from layerwise.runs import METRICS_FILE, cpu_name, read_metrics
 from layerwise.shipped import shipped_recipes
 from layerwise.train_run import train_recipe
 
@@ -135,9 +135,9 @@ COSINE = ["optim.schedule.name=cosine"]
 LOCAL_METHODS = {"ff": ("mnist_ff", "ff", ("ff1", "ff2", "ff3")),
                  "sigprop": ("mnist_sigprop", "sigprop", ("sp1", "sp2", "sp3"))}
 LOCAL_SELECT_EPOCHS = 3
-LOCAL_EPOCHS = {"ff": 10, "sigprop": 6}
+LOCAL_EPOCHS = {"ff": 30, "sigprop": 6}
 LOCAL_TARGETS = {"ff": 98.0, "sigprop": 97.5}
-LOCAL_LONG_EPOCHS = 30  # one longer FF run (seed 0): how far more epochs take it
+FF_LEARNING_RATES = ("3.0e-3", "1.0e-2", "3.0e-2")
 
 
 def objective_paths(recipe_name: str) -> list[str]:
@@ -199,9 +199,11 @@ def local_candidates(method: str) -> dict[str, list[str]]:
     # Each candidate sets the prediction rule itself, so the recipe may ship the winner.
     goodness, head, signal = (f"model.streams.predict={rule}" for rule in ("goodness", "head", "signal"))
     if method == "ff":
-        return {"symba, by goodness": [goodness],
-                "symba, by head": [head],
-                "logistic, by goodness": every_block(loss="logistic", sharpness=1.0) + [goodness]}
+        # The learning rate, of the ff layers and the head alike, and the prediction rule; the SymBa loss
+        # and the head's wiring are the recipe's (the loss chosen over Hinton's logistic loss on validation
+        # in an earlier version of this study, kept in git).
+        return {f"lr {lr}, by {rule}": [f"optim.local.lr={lr}", f"optim.global.lr={lr}", setting]
+                for lr in FF_LEARNING_RATES for rule, setting in (("head", head), ("goodness", goodness))}
     return {"sim, by head": [head],
             "sim, by signal": [signal],
             "l2, by head": every_block(loss="l2") + [head]}
@@ -235,25 +237,26 @@ def local_jobs(seeds: list[int], out: Path) -> list[Job]:
                             twin + COSINE + epochs + [f"seed={seed}", f"name=mnist_{method}_backprop_twin"],
                             {"dataset": "mnist", "method": f"{method}'s backprop twin", "candidate": "—",
                              "seed": seed}, eval_noise=[0.0]))
-        if method == "ff":
-            jobs.append(Job(f"mnist/ff-long/seed{seeds[0]}", LOCAL_METHODS[method][0],
-                            best["settings"] + [f"train.epochs={LOCAL_LONG_EPOCHS}", f"seed={seeds[0]}"],
-                            {"dataset": "mnist", "method": f"ff, {LOCAL_LONG_EPOCHS} epochs",
-                             "candidate": best["candidate"], "seed": seeds[0]}, eval_noise=[0.0]))
     return jobs
 
 
+def current(record: dict | None, job: Job) -> bool:
+    """Whether ``record`` was trained with ``job``'s settings as they are now (the flags of the
+    command, such as --epochs, follow them and are not compared): a job whose recipe overrides
+    changed since is trained again on the next run of its study."""
+    return record is not None and record["overrides"][:len(job.overrides)] == job.overrides
+
+
 def chosen(out: Path, select: str, dataset: str, method: str) -> dict | None:
-    """The record with the best validation accuracy among a select study's finished candidates
-    for (dataset, method); None until all of them have finished."""
+    """The record with the best validation accuracy among a select study's candidates for
+    (dataset, method); None until every candidate has a current record."""
     path = out / f"{select}.json"
     records = json.loads(path.read_text())["records"] if path.exists() else {}
-    rows = [r for r in records.values() if r["dataset"] == dataset and r["method"] == method]
     candidates = [job for job in STUDIES[select]([0], out) if job.labels["dataset"] == dataset
                   and job.labels["method"] == method]
-    if not rows or len(rows) < len(candidates):
+    if not all(current(records.get(job.key), job) for job in candidates):
         return None
-    return max(rows, key=lambda r: r["val_acc"])
+    return max((records[job.key] for job in candidates), key=lambda r: r["val_acc"])
 
 
 def phsic_jobs(seeds: list[int], out: Path) -> list[Job]:
@@ -324,7 +327,7 @@ def run_job(job: Job, extra: list[str], runs_dir: Path) -> dict:
     started = time.perf_counter()
     run = train_recipe(recipe, runs_dir, show_progress=False, quiet=True)
     wall = time.perf_counter() - started
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = read_metrics(run / METRICS_FILE)
     reports = {space: evaluate_noise(run / WEIGHTS_FILE, job.eval_noise, show_progress=False, noise_space=space)
                for space in job.eval_spaces}
     return {
@@ -551,7 +554,10 @@ def main(argv: list[str] | None = None) -> None:
     # Tables follow the study's own order (dataset, method, seed), however the jobs were resumed.
     order = [job.key for job in STUDIES[args.study](seeds, args.out)]
     state["records"] = in_study_order(state["records"], order)
-    todo = [job for job in jobs if job.key not in state["records"]]
+    todo = [job for job in jobs if not current(state["records"].get(job.key), job)]
+    stale = [job.key for job in todo if job.key in state["records"]]
+    if stale:
+        print(f"{args.study}: trained again, their settings changed since recorded: {', '.join(stale)}")
     with progress_bar() as bars:
         task = bars.add_task(f"{args.study}: {len(jobs) - len(todo)} of {len(jobs)} done", total=len(jobs),
                              completed=len(jobs) - len(todo))
@@ -560,10 +566,9 @@ def main(argv: list[str] | None = None) -> None:
             held_out = args.tiny and any(o.startswith("data.validation=") for o in job.overrides)
             record = run_job(job, extra + (["data.validation=200"] if held_out else []), args.runs_dir)
             with locked(state_path):  # another process may run other jobs of this study (--only)
-                if state_path.exists():
+                if state_path.exists():  # what is on disk is newest: this process wrote its jobs as it went
                     on_disk = json.loads(state_path.read_text())
-                    state["records"] = {**on_disk["records"], **state["records"]}
-                    state["total_seconds"] = on_disk["total_seconds"]
+                    state["records"], state["total_seconds"] = on_disk["records"], on_disk["total_seconds"]
                 state["records"][job.key] = record
                 state["records"] = in_study_order(state["records"], order)
                 state["total_seconds"] += record["wall_seconds"]
