@@ -326,15 +326,19 @@ def run_job(job: Job, extra: list[str], runs_dir: Path) -> dict:
     recipe = load_recipe(shipped_recipes()[job.recipe], job.overrides + extra)
     started = time.perf_counter()
     run = train_recipe(recipe, runs_dir, show_progress=False, quiet=True)
-    wall = time.perf_counter() - started
-    history = read_metrics(run / METRICS_FILE)
+    return record_of(job, run, extra, time.perf_counter() - started)
+
+
+def record_of(job: Job, run: Path, extra: list[str], wall: float) -> dict:
+    """The record of ``job`` trained in ``run``: its log read back, its weights evaluated under test noise."""
+    history = read_metrics(run / METRICS_FILE)  # one record per epoch, checked
     reports = {space: evaluate_noise(run / WEIGHTS_FILE, job.eval_noise, show_progress=False, noise_space=space)
                for space in job.eval_spaces}
     return {
         **job.labels,
         "recipe": job.recipe,
         "overrides": job.overrides + extra,
-        "epochs": recipe.train.epochs,
+        "epochs": len(history),
         "test_acc": history[-1]["test_acc"],
         "val_acc": history[-1].get("val_acc"),
         "test_acc_by_epoch": [row["test_acc"] for row in history],
@@ -495,12 +499,13 @@ RENDERERS = {"accuracy": accuracy_markdown, "noise": noise_markdown, "sensitivit
 
 def write_results(study: str, out: Path, state: dict) -> None:
     """The study's JSON (the resume state) and its Markdown table."""
+    total = sum(record["wall_seconds"] for record in state["records"].values())
     write_text_atomic(out / f"{study}.json", json.dumps(state, indent=2) + "\n")
     machine = state["machine"]
     header = [f"# Study: {study}", "",
               f"Command: `{state['command']}`", "",
               f"Machine: {machine['cpu']}, {machine['threads']} torch thread(s), device {machine['device']}, "
-              f"torch {machine['torch']}. Wall time of all jobs: {state['total_seconds'] / 60:.1f} min.", ""]
+              f"torch {machine['torch']}. Wall time of all jobs: {total / 60:.1f} min.", ""]
     body = RENDERERS[study](state["records"]) if state["records"] else ["(no finished jobs yet)"]
     write_text_atomic(out / f"{study}.md", "\n".join(header + body) + "\n")
 
@@ -544,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                             if f"{args.study}-select" in STUDIES else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / f"{args.study}.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}, "total_seconds": 0.0}
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"records": {}}
+    state.pop("total_seconds", None)  # older versions kept the sum, which a job trained again counted twice
     command = argv if argv is not None else __import__("sys").argv[1:]
     # The command that runs the whole study: --only splits it over processes, whose jobs all land here.
     whole = [word for i, word in enumerate(command) if word != "--only" and (i == 0 or command[i - 1] != "--only")]
@@ -568,10 +574,9 @@ def main(argv: list[str] | None = None) -> None:
             with locked(state_path):  # another process may run other jobs of this study (--only)
                 if state_path.exists():  # what is on disk is newest: this process wrote its jobs as it went
                     on_disk = json.loads(state_path.read_text())
-                    state["records"], state["total_seconds"] = on_disk["records"], on_disk["total_seconds"]
+                    state["records"] = on_disk["records"]
                 state["records"][job.key] = record
                 state["records"] = in_study_order(state["records"], order)
-                state["total_seconds"] += record["wall_seconds"]
                 write_results(args.study, args.out, state)
             bars.advance(task)
     write_results(args.study, args.out, state)
