@@ -3,15 +3,17 @@
 Each study is a list of jobs (a shipped recipe, overrides and a seed). A job trains through
 the same code as ``layerwise train``, evaluates its checkpoint under test noise, and is recorded
 in ``docs/results/<study>.json`` as soon as it finishes, so an interrupted study resumes where it
-stopped (finished jobs are skipped). ``docs/results/<study>.md`` is rewritten from the JSON.
+stopped: finished jobs are skipped, unless their settings (the job's overrides and the command's
+flags) changed since, and then they train again. ``docs/results/<study>.md`` is rewritten from the
+JSON, with the records of the study's current jobs only.
 
     python benchmarks/reproduce.py accuracy                  # MNIST, Fashion-MNIST, CIFAR-10 x 3 methods x 3 seeds
     python benchmarks/reproduce.py noise                     # the paper's Tables II and III, for all 3 methods
     python benchmarks/reproduce.py sensitivity               # sigma x beta grid, scored on a validation split
     python benchmarks/reproduce.py conv                      # a small conv net on CIFAR-10, hybrid and backprop
     python benchmarks/reproduce.py local-select              # FF and SigProp settings on a validation split
-    python benchmarks/reproduce.py local                     # FF and SigProp, 3 seeds, beside backprop twins
-    python benchmarks/reproduce.py accuracy --tiny           # 1 epoch on 1,000 samples: a smoke test
+    python benchmarks/reproduce.py local                     # FF, SigProp and backprop twins: MNIST x3, F-MNIST x1
+    python benchmarks/reproduce.py accuracy --tiny           # 1 epoch on 1,000 samples: a smoke test (own --out)
 """
 
 from __future__ import annotations
@@ -190,7 +192,8 @@ def hybrid_select_jobs(seeds: list[int], out: Path) -> list[Job]:
 
 
 def local_candidates(method: str) -> dict[str, list[str]]:
-    """The loss and prediction rule tried on validation for a plugin family's recipe."""
+    """The settings tried on validation for a plugin family's recipe: FF's learning rate and
+    prediction rule, SigProp's loss and prediction rule."""
     subnetwork, blocks = LOCAL_METHODS[method]
 
     def every_block(**options) -> list[str]:
@@ -243,21 +246,41 @@ def local_jobs(seeds: list[int], out: Path) -> list[Job]:
     return jobs
 
 
-def current(record: dict | None, job: Job) -> bool:
-    """Whether ``record`` was trained with ``job``'s settings as they are now (the flags of the
-    command, such as --epochs, follow them and are not compared): a job whose recipe overrides
-    changed since is trained again on the next run of its study."""
-    return record is not None and record["overrides"][:len(job.overrides)] == job.overrides
+# What the command's flags add to a job's overrides (--epochs, --tiny, the device): see job_extra.
+FLAG_KEYS = ("train.device=", "train.epochs=", "data.train_limit=", "data.validation=")
+
+
+def job_extra(job: Job, epochs: int | None = None, tiny: bool = False) -> list[str]:
+    """The overrides the command's flags add to ``job``'s own."""
+    extra = ["train.device=cpu"] + ([f"train.epochs={epochs}"] if epochs else [])
+    if tiny:
+        extra += ["train.epochs=1", "data.train_limit=1000"]
+        if any(o.startswith("data.validation=") for o in job.overrides):
+            extra.append("data.validation=200")
+    return extra
+
+
+def current(record: dict | None, job: Job, extra: list[str]) -> bool:
+    """Whether ``record`` was trained as ``job`` with ``extra`` would train now: a job whose
+    settings changed since is trained again on the next run of its study."""
+    return record is not None and record["overrides"] == job.overrides + extra
+
+
+def same_settings(record: dict | None, job: Job) -> bool:
+    """Whether ``record`` was trained with ``job``'s own overrides, whatever the command's flags added."""
+    if record is None or record["overrides"][:len(job.overrides)] != job.overrides:
+        return False
+    return all(o.startswith(FLAG_KEYS) for o in record["overrides"][len(job.overrides):])
 
 
 def chosen(out: Path, select: str, dataset: str, method: str) -> dict | None:
     """The record with the best validation accuracy among a select study's candidates for
-    (dataset, method); None until every candidate has a current record."""
+    (dataset, method); None until every candidate has a record with its current settings."""
     path = out / f"{select}.json"
     records = json.loads(path.read_text())["records"] if path.exists() else {}
     candidates = [job for job in STUDIES[select]([0], out) if job.labels["dataset"] == dataset
                   and job.labels["method"] == method]
-    if not all(current(records.get(job.key), job) for job in candidates):
+    if not candidates or not all(same_settings(records.get(job.key), job) for job in candidates):
         return None
     return max((records[job.key] for job in candidates), key=lambda r: r["val_acc"])
 
@@ -501,16 +524,21 @@ RENDERERS = {"accuracy": accuracy_markdown, "noise": noise_markdown, "sensitivit
              "local-select": select_markdown, "local": local_markdown}
 
 
-def write_results(study: str, out: Path, state: dict) -> None:
-    """The study's JSON (the resume state) and its Markdown table."""
-    total = sum(record["wall_seconds"] for record in state["records"].values())
+def write_results(study: str, out: Path, state: dict, shown: list[str]) -> None:
+    """The study's JSON (the resume state) and its Markdown table of the records ``shown``: the
+    others are stale (their job's settings changed since) or no job of the study makes them."""
+    records = {key: state["records"][key] for key in shown}
+    total = sum(record["wall_seconds"] for record in records.values())
     write_text_atomic(out / f"{study}.json", json.dumps(state, indent=2) + "\n")
     machine = state["machine"]
     header = [f"# Study: {study}", "",
               f"Command: `{state['command']}`", "",
               f"Machine: {machine['cpu']}, {machine['threads']} torch thread(s), device {machine['device']}, "
               f"torch {machine['torch']}. Wall time of all jobs: {total / 60:.1f} min.", ""]
-    body = RENDERERS[study](state["records"]) if state["records"] else ["(no finished jobs yet)"]
+    body = RENDERERS[study](records) if records else ["(no finished jobs yet)"]
+    hidden = [key for key in state["records"] if key not in records]
+    if hidden:
+        body += ["", f"Not shown, stale or no longer in the study (the JSON keeps them): {', '.join(hidden)}."]
     write_text_atomic(out / f"{study}.md", "\n".join(header + body) + "\n")
 
 
@@ -528,24 +556,24 @@ def locked(path: Path):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run a reproduction study; finished jobs are skipped on rerun.")
+    parser = argparse.ArgumentParser(description="Run a reproduction study; finished jobs are skipped on rerun, "
+                                                 "unless their settings changed since.")
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (sensitivity, conv: 0)")
     parser.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     parser.add_argument("--only", default="", help="run only jobs whose key starts with this, e.g. mnist/hybrid")
     parser.add_argument("--tiny", action="store_true", help="1 epoch on 1,000 samples, to check the code")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings comparable)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: docs/results (with --tiny: RUNS_DIR/tiny-results)")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "studies")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    seeds = args.seeds or ([0] if args.study in ONE_SEED else [0, 1, 2])
-    extra = ["train.device=cpu"]
-    if args.epochs:
-        extra.append(f"train.epochs={args.epochs}")
-    if args.tiny:
-        extra += ["train.epochs=1", "data.train_limit=1000"]
+    defaults = [0] if args.study in ONE_SEED else [0, 1, 2]
+    seeds = args.seeds or defaults
+    # A smoke test never lands among the measured records (nor counts as one of them).
+    args.out = args.out or (args.runs_dir / "tiny-results" if args.tiny else RESULTS)
     jobs = [job for job in STUDIES[args.study](seeds, args.out) if job.key.startswith(args.only)]
     if not jobs:
         raise SystemExit(f"{args.study}: no job matches --only {args.only!r}"
@@ -561,10 +589,28 @@ def main(argv: list[str] | None = None) -> None:
     state["command"] = "python benchmarks/reproduce.py " + " ".join(whole)
     state["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "device": "cpu",
                         "torch": torch.__version__}
-    # Tables follow the study's own order (dataset, method, seed), however the jobs were resumed.
-    order = [job.key for job in STUDIES[args.study](seeds, args.out)]
-    state["records"] = in_study_order(state["records"], order)
-    todo = [job for job in jobs if not current(state["records"].get(job.key), job)]
+    # Every job of the study, for the seeds of this command, of the default and of the records so
+    # far (tables follow its order: dataset, method, seed).
+    recorded = {r["seed"] for r in state["records"].values() if isinstance(r.get("seed"), int)}
+    catalog = {job.key: job for job in STUDIES[args.study](sorted({*defaults, *seeds, *recorded}), args.out)}
+
+    def extra(job: Job) -> list[str]:
+        return job_extra(job, args.epochs, args.tiny)
+
+    def merge_and_write(job: Job | None = None, record: dict | None = None) -> None:
+        """Under the lock, since other processes may run other jobs of this study (--only): the
+        records on disk (the newest), plus ``record``, written back with the table."""
+        with locked(state_path):
+            if state_path.exists():
+                state["records"] = json.loads(state_path.read_text())["records"]
+            if job is not None:
+                state["records"][job.key] = record
+            state["records"] = in_study_order(state["records"], list(catalog))
+            shown = [key for key, rec in state["records"].items()
+                     if key in catalog and current(rec, catalog[key], extra(catalog[key]))]
+            write_results(args.study, args.out, state, shown)
+
+    todo = [job for job in jobs if not current(state["records"].get(job.key), job, extra(job))]
     stale = [job.key for job in todo if job.key in state["records"]]
     if stale:
         print(f"{args.study}: trained again, their settings changed since recorded: {', '.join(stale)}")
@@ -573,17 +619,9 @@ def main(argv: list[str] | None = None) -> None:
                              completed=len(jobs) - len(todo))
         for job in todo:
             bars.update(task, description=f"{args.study}: {job.key}")
-            held_out = args.tiny and any(o.startswith("data.validation=") for o in job.overrides)
-            record = run_job(job, extra + (["data.validation=200"] if held_out else []), args.runs_dir)
-            with locked(state_path):  # another process may run other jobs of this study (--only)
-                if state_path.exists():  # what is on disk is newest: this process wrote its jobs as it went
-                    on_disk = json.loads(state_path.read_text())
-                    state["records"] = on_disk["records"]
-                state["records"][job.key] = record
-                state["records"] = in_study_order(state["records"], order)
-                write_results(args.study, args.out, state)
+            merge_and_write(job, run_job(job, extra(job), args.runs_dir))
             bars.advance(task)
-    write_results(args.study, args.out, state)
+    merge_and_write()
     if args.study in FIGURES and state["records"]:
         for path in FIGURES[args.study](state["records"], args.out / "figures"):
             print(f"Wrote {path}")
