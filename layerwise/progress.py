@@ -20,15 +20,16 @@ class PipeFriendlyConsole(Console):
     Emoji codes stay as written: rich would turn the ``:x:`` of ``--sort noise:x: expected ...``, or
     of a run's name, into an emoji in errors and tables.
 
-    The width follows ``$COLUMNS`` at each print too: rich reads it once, when the console is made
-    (at import), so a program or test runner that sets it later (pytest-xdist's workers start with
-    80) would otherwise keep the width of that moment.
+    The width follows ``$COLUMNS`` at each print too. Rich fixes the width when the console is made
+    (at import) if ``$COLUMNS`` is set then, and keeps it: under pytest-xdist, whose workers had
+    ``COLUMNS=80`` here, a test that set it wider still got tables cut at 80 columns. (In Jupyter
+    rich's own width is kept.)
     """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("emoji", False)
         super().__init__(*args, **kwargs)
-        if kwargs.get("width") is None:
+        if kwargs.get("width") is None and not self.is_jupyter:
             self._width = None  # rich's size then reads $COLUMNS (or the terminal) when it is asked
 
     @property

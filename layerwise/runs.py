@@ -227,7 +227,7 @@ def check_writable(folder: Path) -> None:
                              f"its files are untouched") from None
 
 
-LATEST_TEMPORARY = re.compile(r"\.latest\.([0-9]{1,10})(\.[0-9a-f]+)?")
+LATEST_TEMPORARY = re.compile(rf"\.{re.escape(LATEST)}\.([0-9]{{1,10}})(\.[0-9a-f]+)?")
 """The link :func:`point_latest` makes and renames onto ``latest``: ``.latest.<pid>.<random>``
 (``.latest.<pid>`` before the random part was added: a kill could leave those too)."""
 LATEST_GRACE_SECONDS = 60.0
@@ -239,7 +239,8 @@ def point_latest(root: Path, run: Path) -> None:
     """Atomically repoint ``root/latest`` at ``run`` (a relative symlink, so the folder can move).
 
     The link is made under a temporary name, then renamed onto ``latest``; a process killed in
-    between leaves that name, which the next call removes (:func:`remove_abandoned_latest_links`).
+    between leaves that name, which a later call removes once its pid runs no process and it is
+    a minute old (:func:`remove_abandoned_latest_links`).
     """
     remove_abandoned_latest_links(root)
     # The random part makes every link's name new: a process given a dead one's pid never makes

@@ -101,13 +101,11 @@ def owner_is_gone(info: Any) -> bool:
     """True when ``info`` names a process of this host that no longer runs (a pid since reused included)."""
     if not isinstance(info, dict) or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return False  # another machine's: Optuna's heartbeat judges those
+    from layerwise.runs import process_exists
+
     pid = info["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_exists(pid):
         return True
-    except PermissionError:
-        pass  # someone else's process runs with that pid
     fields = process_stat(pid)
     if fields is None:
         return False
