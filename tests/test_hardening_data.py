@@ -347,14 +347,22 @@ def test_a_rank_left_waiting_fails_after_the_timeout_with_one_line(tmp_path):
     script = tmp_path / "wait.py"
     script.write_text(TIMEOUT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), distributed.TIMEOUT_ENV: "2", "COLUMNS": "300"}
-    ranks = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    try:
-        out, err = ranks[0].communicate(timeout=60)
-    finally:
-        ranks[1].kill()
-        ranks[1].communicate()
+           distributed.TIMEOUT_ENV: "2", "COLUMNS": "300"}
+    # The port is free when probed, but another process (under pytest-xdist, another worker's test)
+    # may take it before rank 0 listens on it. joined() rendezvouses through $MASTER_PORT (env://),
+    # with no way to hand it a port already bound, so start again on a new port when that happened.
+    for _ in range(3):
+        port = free_port()
+        ranks = [subprocess.Popen([sys.executable, str(script)],
+                                  env={**env, "MASTER_PORT": str(port), "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        try:
+            out, err = ranks[0].communicate(timeout=60)
+        finally:
+            ranks[1].kill()
+            ranks[1].communicate()
+        if "EADDRINUSE" not in err:  # torch's TCPStore: "... code: -98, name: EADDRINUSE, ..."
+            break
     waited = float(out.split("waited ")[1])
     assert 1.5 < waited < 10, "the 2 s of LAYERWISE_DIST_TIMEOUT, not gloo's 30 minutes"
     assert ("rank 0: the other processes did not answer within 2 s ($LAYERWISE_DIST_TIMEOUT); one of them is "

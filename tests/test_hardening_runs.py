@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+import layerwise.runs
 from layerwise.checkpoint import WEIGHTS_FILE, read_safetensors
 from layerwise.errors import CheckpointError, LayerwiseError
 from layerwise.factory import parse_recipe
@@ -459,25 +460,52 @@ def test_train_removes_the_unfinished_folders_of_killed_processes_and_says_so(cl
     assert sorted(p.name for p in root.iterdir()) == sorted([LATEST, resolve_run(None, root).name])
 
 
-def test_a_link_left_by_a_kill_before_latest_moved_is_removed_once_its_creator_is_gone(tmp_path):
+def free_pid() -> int:
+    """A pid no process can have, now or later: one above the kernel's largest (a pid that was
+    free a moment ago may be reused by then, more so with pytest-xdist workers starting processes)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    except (OSError, ValueError):  # no /proc: above the largest pid_max Linux allows (2**22)
+        return 2**22 + 1
+
+
+def test_a_link_left_by_a_kill_before_latest_moved_is_removed_once_its_creator_is_gone(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     killed = subprocess.run([sys.executable, "-c", KILL_DURING_CREATE, str(root), "before the rename onto latest"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (left,) = [p for p in root.iterdir() if p.name.startswith(f".{LATEST}.")]
     assert left.is_symlink() and not os.path.lexists(root / LATEST)
+    dead = int(left.name.split(".")[2])  # the killed creator's pid
     in_flight = root / f".{LATEST}.{os.getpid()}.0123abcd"  # a live creator's (this process stands for it)
     in_flight.symlink_to(left.readlink())
     for link in (left, in_flight):
         age(link, 2 * LATEST_GRACE_SECONDS)
-    run, lock = create_run_dir(root, parse_recipe(tiny_recipe(), "tiny"), torch.device("cpu"))
-    lock.release()
-    assert (root / LATEST).resolve() == run.resolve()
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [in_flight.name]
+    # The killed child's pid may be reused by another process before the clean-up looks (more so
+    # under pytest-xdist), and then its link rightly stays: record what the clean-up saw.
+    seen: dict[int, bool] = {}
+    real_process_exists = layerwise.runs.process_exists
 
-    dead = int(left.name.split(".")[2])  # the killed creator's pid
-    young = root / f".{LATEST}.{dead}.4567cdef"  # left alone whatever its pid says: its creator may run elsewhere
-    older = root / f".{LATEST}.{dead}"  # as a kill left it before the name had a random part
+    def process_exists(pid: int) -> bool:
+        seen[pid] = real_process_exists(pid)
+        return seen[pid]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(layerwise.runs, "process_exists", process_exists)
+        run, lock = create_run_dir(root, parse_recipe(tiny_recipe(), "tiny"), torch.device("cpu"))
+        lock.release()
+    assert (root / LATEST).resolve() == run.resolve()
+    assert dead in seen, "the clean-up did not look at the killed creator's link"
+    reused = seen[dead]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted(
+        [in_flight.name, *([left.name] if reused else [])])
+    if reused:
+        left.unlink()
+
+    # Crafted links name a pid that no process has, so that only their age decides.
+    gone = free_pid()
+    young = root / f".{LATEST}.{gone}.4567cdef"  # left alone whatever its pid says: its creator may run elsewhere
+    older = root / f".{LATEST}.{gone}"  # as a kill left it before the name had a random part
     for link in (young, older):
         link.symlink_to(run.name)
     age(older, 2 * LATEST_GRACE_SECONDS)

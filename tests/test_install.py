@@ -20,9 +20,22 @@ from tests.helpers import REPO, SHARED_DATA, real_mnist_present
 
 pytestmark = pytest.mark.integration
 
-# What the checkout holds besides the project's source: never part of a build.
+# What the checkout holds besides the project's source: never part of a build. Among them what
+# other processes create and delete while the copy is made (under pytest-xdist, other workers;
+# also benchmarks writing docs/results): hypothesis' database, atomic writes' temporaries
+# (.NAME.tmp), lock files and run folders. A file that vanishes mid-copy makes copytree fail.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__",
-                                    ".pytest_cache", ".ruff_cache")
+                                    ".pytest_cache", ".ruff_cache", ".hypothesis", "*.tmp", "*.lock")
+
+
+def copy_unless_gone(src: str, dst: str) -> None:
+    """Copy one file for copytree, skipping it if it was deleted since copytree listed its folder:
+    the patterns above cannot name every short-lived file another process may make."""
+    try:
+        shutil.copy2(src, dst)
+    except FileNotFoundError:
+        if os.path.lexists(src):  # it is there: the error is about something else
+            raise
 
 
 def build_isolation_flags() -> list[str]:
@@ -40,7 +53,7 @@ def installed(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("install")
     source, site = root / "source", root / "site"
     # A copy, so that the build writes its build/ and egg-info there and not into the checkout.
-    shutil.copytree(REPO, source, ignore=NOT_SOURCE, symlinks=True)
+    shutil.copytree(REPO, source, ignore=NOT_SOURCE, symlinks=True, copy_function=copy_unless_gone)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
                            *build_isolation_flags(), "--target", str(site), str(source)],

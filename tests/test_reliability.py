@@ -201,7 +201,10 @@ def test_kill_during_checkpoint_writes_keeps_the_previous_one(tmp_path):
                 writer.stdout.readline()
             deadline = time.monotonic() + 30
             while not list(folder.glob(".*.tmp")) and time.monotonic() < deadline:
-                pass  # busy-wait: the temporary file may live only a few milliseconds
+                # The temporary file may live only a few milliseconds, so poll every millisecond:
+                # often enough to catch it, yet no longer a busy-wait spinning a core for up to
+                # 30 s (under pytest-xdist that core runs another worker's tests, and the writer).
+                time.sleep(0.001)
             time.sleep(rng.uniform(0, 0.004))
         finally:
             writer.kill()

@@ -82,22 +82,25 @@ def test_taken_names_and_existing_folders_are_refused(cli, tmp_path):
 
 @pytest.mark.integration
 def test_the_generated_package_passes_its_own_test_after_pip_install(cli, tmp_path):
-    # A name of its own per process, so that two test runs sharing the venv never collide.
-    name = f"scaffoldcheck{os.getpid()}"
+    # Installed into a private folder put on PYTHONPATH (as tests/test_install.py installs layerwise),
+    # never into the shared venv: under pytest-xdist another worker may be discovering plugins or
+    # starting Pythons in that venv meanwhile, and would see a half-installed distribution (a plugin
+    # that fails to load, a traceback from a half-written .pth). Not editable for that reason: an
+    # editable install works through a .pth file, which Python reads only in site-packages folders,
+    # not in PYTHONPATH ones. The entry point is found all the same, from the dist-info in ``site``.
+    name = "scaffoldcheck"
     assert cli("new-plugin", name, "--dir", str(tmp_path)).code == 0
-    root = tmp_path / f"layerwise-{name}"
-    pip = [sys.executable, "-m", "pip"]
+    root, site = tmp_path / f"layerwise-{name}", tmp_path / "site"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    try:
-        install = subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(root)],
-                                 capture_output=True, text=True, env=env, timeout=300)
-        assert install.returncode == 0, install.stderr
-        tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=root,
-                                capture_output=True, text=True, env=env, timeout=300)
-        assert tested.returncode == 0, tested.stdout + tested.stderr
-        assert "1 passed" in tested.stdout  # its test asserts that the entry point registered the objective
-    finally:
-        subprocess.run([*pip, "uninstall", "--quiet", "-y", f"layerwise-{name}"], capture_output=True, env=env,
-                       timeout=300)
-    with pytest.raises(importlib.metadata.PackageNotFoundError):  # the venv is left clean
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                              "--no-compile", "--target", str(site), str(root)],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert any(site.glob(f"layerwise_{name}-*.dist-info")), sorted(p.name for p in site.iterdir())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=root,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "1 passed" in tested.stdout  # its test asserts that the entry point registered the objective
+    with pytest.raises(importlib.metadata.PackageNotFoundError):  # the shared venv was never changed
         importlib.metadata.distribution(f"layerwise-{name}")
