@@ -27,8 +27,7 @@ def study(tmp_path, monkeypatch):
         return {**job.labels, "overrides": job.overrides + extra, "test_acc": 0.5, "wall_seconds": 60.0}
 
     def render(records):
-        return [f"row {key}: {record['overrides'][0]}" for key, record in
-                zip([r["name"] + str(r["seed"]) for r in records.values()], records.values(), strict=True)]
+        return [f"row {r['name']}{r['seed']}: {r['overrides'][0]}" for r in records.values()]
 
     monkeypatch.setitem(reproduce.STUDIES, "fake", jobs)
     monkeypatch.setitem(reproduce.RENDERERS, "fake", render)
