@@ -442,37 +442,36 @@ def select_markdown(records: dict) -> list[str]:
     return lines
 
 
-def phsic_markdown(records: dict) -> list[str]:
-    lines = ["| dataset | method | kernel (chosen on validation) | epochs | seeds | test acc % | pHSIC README % | "
-             "train time / run |", "|---|---|---|---|---|---|---|---|"]
+def settings_table(records: dict, chosen_title: str, target_title: str, target, epochs: bool = True) -> list[str]:
+    """One row per (dataset, method): the chosen settings, the epochs (when ``epochs``), the seeds,
+    the test accuracy, the figure to compare with (``target(dataset, method)``, None for none) and
+    the mean training time."""
+    titles = ["dataset", "method", chosen_title, *(["epochs"] if epochs else []), "seeds", "test acc %",
+              target_title, "train time / run"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for (dataset, method), rows in group(records, "dataset", "method").items():
-        published = PHSIC_PUBLISHED.get(method, {}).get(dataset)
-        lines.append(f"| {dataset} | {method} | {rows[0]['candidate']} | {rows[0]['epochs']} | {len(rows)} | "
-                     f"{mean_std([r['test_acc'] for r in rows])} | {published if published else '—'} | "
-                     f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s |")
+        goal = target(dataset, method)
+        cells = [dataset, method, rows[0]["candidate"], *([rows[0]["epochs"]] if epochs else []), len(rows),
+                 mean_std([r["test_acc"] for r in rows]), "—" if goal is None else goal,
+                 f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
+
+
+def phsic_markdown(records: dict) -> list[str]:
+    return settings_table(records, "kernel (chosen on validation)", "pHSIC README %",
+                          lambda dataset, method: PHSIC_PUBLISHED.get(method, {}).get(dataset))
 
 
 def hybrid_markdown(records: dict) -> list[str]:
-    lines = ["| dataset | method | settings (chosen on validation) | seeds | test acc % | issue's target % | "
-             "train time / run |", "|---|---|---|---|---|---|---|"]
-    for (dataset, method), rows in group(records, "dataset", "method").items():
-        target = HYBRID_TARGETS[dataset] if method == "hybrid" else "—"
-        lines.append(f"| {dataset} | {method} | {rows[0]['candidate']} | {len(rows)} | "
-                     f"{mean_std([r['test_acc'] for r in rows])} | {target} | "
-                     f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s |")
-    return lines
+    return settings_table(records, "settings (chosen on validation)", "issue's target %",
+                          lambda dataset, method: HYBRID_TARGETS[dataset] if method == "hybrid" else None,
+                          epochs=False)
 
 
 def local_markdown(records: dict) -> list[str]:
-    lines = ["| dataset | method | settings (chosen on validation) | epochs | seeds | test acc % | issue's target % | "
-             "train time / run |", "|---|---|---|---|---|---|---|---|"]
-    for (dataset, method), rows in group(records, "dataset", "method").items():
-        lines.append(f"| {dataset} | {method} | {rows[0]['candidate']} | {rows[0]['epochs']} | {len(rows)} | "
-                     f"{mean_std([r['test_acc'] for r in rows])} | "
-                     f"{LOCAL_TARGETS.get(method, '—') if dataset == 'mnist' else '—'} | "
-                     f"{statistics.mean(r['train_seconds'] for r in rows):.0f} s |")
-    return lines
+    return settings_table(records, "settings (chosen on validation)", "issue's target %",
+                          lambda dataset, method: LOCAL_TARGETS.get(method) if dataset == "mnist" else None)
 
 
 def noise_space_markdown(records: dict) -> list[str]:
