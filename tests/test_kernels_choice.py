@@ -1,9 +1,10 @@
-"""nHSIC's kernel choice (``kernel: gaussian | cosine | linear``) against a textbook implementation.
+"""nHSIC's kernel choice (``kernel: gaussian | cosine | linear``) and grouped neurons (``groups``)
+against a textbook implementation.
 
 As in tests/test_nhsic.py, the references build everything the slow, obvious way in float64: the
 kernel entry by entry (or by an (m, m, d) broadcast where autograd must go through it), an explicit
 centering matrix ``H = I - 11^T/m``, ``R = Kc (Kc + eps m I)^-1`` by an explicit inverse, and CKA
-from its definition. The shipped pHSIC recipes are checked at the end.
+from its definition. The shipped pHSIC recipes are checked, then grouped neurons at the end.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import math
 import pytest
 import torch
 
-from layerwise.errors import RecipeError
-from layerwise.factory import load_recipe, parse_recipe
+from layerwise.errors import LayerwiseError, RecipeError
+from layerwise.factory import load_recipe, network_from_recipe, parse_recipe
 from layerwise.objectives.base import BlockInfo, LossContext
 from layerwise.objectives.kernels import (
     COSINE_EPS,
@@ -30,7 +31,7 @@ from layerwise.objectives.kernels import (
     label_factors,
     unit_centered_gram,
 )
-from layerwise.objectives.nhsic import NHSIC, NHSICConfig
+from layerwise.objectives.nhsic import NHSIC, NHSICConfig, grouped_activity
 from layerwise.schema import Problems, build
 from layerwise.shipped import shipped_recipes
 from tests.helpers import tiny_recipe
@@ -471,3 +472,138 @@ def test_the_phsic_recipes_are_its_3x1024_network(dataset):
     assert [b.objective_name for b in bp] == ["none"] * 4
     for block in hsic[:3] + [hybrid[0], hybrid[2]]:
         assert block.objective_config.kernel == kernel
+
+
+# ---------------------------------------------------------------- grouped neurons (pHSIC's "grp")
+#
+# The reference groups each sample's neurons one group at a time with Python loops and takes each
+# group's spread from its definition; the textbook nHSIC above is then applied to the result.
+
+
+def ref_grouped(z: torch.Tensor, groups: int, power: float, delta: float) -> torch.Tensor:
+    """Each sample's spread in each contiguous group of columns, one group at a time."""
+    size = z.shape[1] // groups
+    rows = []
+    for sample in z:
+        row = []
+        for g in range(groups):
+            members = sample[g * size:(g + 1) * size]
+            squared = sum((value - members.mean()) ** 2 for value in members)
+            row.append(((squared + delta) / size) ** power)
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def test_grouped_activity_is_each_groups_spread():
+    z = torch.randn(5, 12, dtype=F64, generator=torch.Generator().manual_seed(3))
+    for groups, power, delta in ((3, 0.5, 1.0), (4, 0.8, 0.1), (6, 1.0, 0.0)):
+        got = grouped_activity(z, groups, power, delta)
+        assert got.shape == (5, groups)
+        rel_close(got, ref_grouped(z, groups, power, delta), rtol=1e-12, atol=1e-12)
+
+
+def test_groups_use_contiguous_neurons():
+    """Moving a neuron within its group changes nothing; moving it to another group does."""
+    z = torch.randn(4, 8, dtype=F64, generator=torch.Generator().manual_seed(4))
+    within = z[:, [1, 0, 3, 2, 4, 5, 6, 7]]
+    across = z[:, [4, 1, 2, 3, 0, 5, 6, 7]]
+    rel_close(grouped_activity(within, 2, 0.5, 1.0), grouped_activity(z, 2, 0.5, 1.0))
+    assert not torch.allclose(grouped_activity(across, 2, 0.5, 1.0), grouped_activity(z, 2, 0.5, 1.0))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("normalization", ["cca", "cka"])
+def test_grouped_loss_and_gradient_match_the_textbook(kernel, normalization):
+    x, y, z = batch(m=9, dx=6, dz=12, classes=3)
+    options = dict(kernel=kernel, sigma=1.5, beta=3.0, normalization=normalization)
+    obj = objective(3, 12, 6, groups=4, group_power=0.8, group_delta=0.5, **options)
+    z1 = z.clone().requires_grad_(True)
+    loss, metrics = loss_of(obj, z1, x, y, 3)
+    (got,) = torch.autograd.grad(loss, z1)
+    z2 = z.clone().requires_grad_(True)
+    want, zx, zy = ref_loss(ref_grouped(z2, 4, 0.8, 0.5), x, y, 3, kernel, 1.5, 3.0, normalization)
+    (want_grad,) = torch.autograd.grad(want, z2)
+    rel_close(loss, want, rtol=1e-6, atol=1e-7)
+    rel_close(metrics["hsic_zx"], zx, rtol=1e-6, atol=1e-8)
+    rel_close(metrics["hsic_zy"], zy, rtol=1e-6, atol=1e-8)
+    rel_close(got, want_grad, rtol=1e-5, atol=1e-8)
+    assert want_grad.abs().max() > 1e-6
+
+
+def test_grouped_loss_passes_gradcheck():
+    x, y, z = batch(m=6, dx=5, dz=8, classes=3, seed=2)
+    obj = objective(3, 8, 5, groups=2, sigma=1.0, beta=2.0)
+    z = z.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda zz: loss_of(obj, zz, x, y, 3)[0], (z,))
+
+
+def test_groups_zero_is_the_ungrouped_objective_exactly():
+    x, y, z = batch(m=8, dx=6, dz=8, classes=3, seed=1)
+    plain, off = objective(3, 8, 6), objective(3, 8, 6, groups=0)
+    assert torch.equal(loss_of(plain, z, x, y, 3)[0], loss_of(off, z, x, y, 3)[0])
+    assert not torch.equal(loss_of(objective(3, 8, 6, groups=2), z, x, y, 3)[0], loss_of(plain, z, x, y, 3)[0])
+
+
+def test_a_silent_group_has_a_finite_gradient():
+    """All-zero groups (dead ReLUs) have spread 0; the default delta keeps the gradient finite."""
+    x, y, z = batch(m=8, dx=6, dz=8, classes=3)
+    z = z.clone()
+    z[:, :4] = 0.0
+    z.requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(objective(3, 8, 6, groups=2), z, x, y, 3)[0], z)
+    assert torch.isfinite(grad).all()
+
+
+def test_rff_sees_the_group_activities():
+    obj = objective(3, 12, 6, groups=3, estimator="rff", features=16)
+    assert obj.freqs_z.shape == (3, 16)
+    x, y, z = batch(m=8, dx=6, dz=12, classes=3)
+    assert torch.isfinite(loss_of(obj, z, x, y, 3)[0])
+
+
+@pytest.mark.parametrize("options, key, fragment", [
+    ({"groups": -1}, "groups", "found -1"),
+    ({"group_power": 0}, "group_power", "must be > 0"),
+    ({"group_delta": 0.0}, "group_delta", "infinite gradient"),
+    ({"group_delta": -1.0, "group_power": 1.0}, "group_delta", "found -1"),
+])
+def test_bad_group_options_name_their_key(options, key, fragment):
+    cfg, problems = build_config(options)
+    assert cfg is None and len(problems) == 1
+    assert problems[0].startswith(f"obj.{key}:") and fragment in problems[0]
+
+
+def test_zero_delta_is_allowed_from_power_one():
+    assert build_config({"groups": 2, "group_delta": 0.0, "group_power": 1.0})[1] == []
+
+
+@pytest.mark.parametrize("groups", [5, 32])
+def test_groups_that_do_not_split_the_block_name_the_block(groups):
+    data = tiny_recipe()
+    data["model"]["subnetworks"][0]["blocks"][0]["objective"]["groups"] = groups  # hsic1 has 32 outputs
+    expected = (rf"hsic1.*groups: {groups} must divide the block's 32 outputs into groups of at least 2 "
+                r"neurons; try a divisor of 32 no larger than 16")
+    with pytest.raises(LayerwiseError, match=expected):
+        network_from_recipe(parse_recipe(data, "tiny.yaml"), (1, 28, 28), 10)
+
+
+def test_a_grouped_recipe_builds_and_trains_its_block():
+    data = tiny_recipe()
+    data["model"]["subnetworks"][0]["blocks"][0]["objective"]["groups"] = 8
+    network = network_from_recipe(parse_recipe(data, "tiny.yaml"), (1, 28, 28), 10)
+    objective_ = network.blocks["hsic1"].objective
+    assert objective_.config.groups == 8
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+    z = network.blocks["hsic1"].body(x)
+    loss, _ = objective_.loss(z, LossContext(x=x, y=y, num_classes=10))
+    loss.backward()
+    weight = next(network.blocks["hsic1"].body.parameters())
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_unknown_group_key_is_refused():
+    data = tiny_recipe()
+    data["model"]["subnetworks"][0]["blocks"][0]["objective"]["grups"] = 8
+    with pytest.raises(RecipeError, match=r"objective.*grups.*did you mean 'groups'"):
+        parse_recipe(data, "tiny.yaml")

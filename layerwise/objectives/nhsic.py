@@ -25,6 +25,11 @@ Two normalisations:
   comes from a ``C x C`` solve, since one-hot labels have a Gram of rank at most ``C``.
 - ``cka``: ``<Kc_a, Kc_b>_F / (||Kc_a||_F ||Kc_b||_F)``, in [0, 1] and with no solve.
 
+Grouped neurons (``groups: G``, pHSIC's "grp" variants): the block's ``d`` outputs are split into
+``G`` contiguous groups, and each sample's group ``g`` is summarised by the spread of its neurons,
+``((sum_j (z_gj - mean_g z)^2 + group_delta) / (d / G)) ** group_power``, so the kernel of Z sees
+``G`` group activities instead of ``d`` neurons. Only Z is grouped; X and Y are not.
+
 The input and label terms (``R_x``, ``R_y`` or the unit-norm centred Grams) do not depend on
 the block, so they are computed once per batch and shared through ``ctx.kernels``.
 
@@ -44,6 +49,7 @@ from typing import Literal
 
 import torch
 
+from layerwise.errors import LayerwiseError
 from layerwise.objectives.base import KernelCache, LossContext, Objective
 from layerwise.objectives.kernels import (
     CCAStatistic,
@@ -83,6 +89,15 @@ class NHSICConfig:
     features: int = 512
     # Seed of the random frequencies; every block shares it, so the X features agree.
     feature_seed: int = 0
+    # Grouped neurons (pHSIC's "grp"; Pogodin and Latham, NeurIPS 2020): 0 is off; G > 0 splits the
+    # block's flattened output into G contiguous groups of equal size (at least 2 neurons each) and
+    # the kernel of Z sees each group's spread, ((sum of squared deviations + group_delta) / size)
+    # ** group_power, per sample. pHSIC's MLPs use G = 32 (or 16), power 0.5 and delta 1.
+    groups: int = 0
+    group_power: float = 0.5
+    # Smoothing of the spread. Must be > 0 when group_power < 1: a group whose neurons are all
+    # equal (say, all silent ReLUs) would otherwise have an infinite gradient.
+    group_delta: float = 1.0
 
     def __post_build__(self, path: str, problems: Problems) -> None:
         if self.sigma <= 0:
@@ -93,6 +108,14 @@ class NHSICConfig:
             problems.add(join(path, "eps"), f"must be > 0, found {self.eps}")
         if self.features <= 0:
             problems.add(join(path, "features"), f"must be > 0, found {self.features}")
+        if self.groups < 0:
+            problems.add(join(path, "groups"), f"must be 0 (off) or a number of groups >= 1, found {self.groups}")
+        if self.group_power <= 0:
+            problems.add(join(path, "group_power"), f"must be > 0, found {self.group_power}")
+        if self.group_delta < 0 or (self.group_delta == 0 and self.group_power < 1):
+            problems.add(join(path, "group_delta"),
+                         f"must be > 0 when group_power < 1 (a group of equal neurons would have an infinite "
+                         f"gradient) and >= 0 otherwise, found {self.group_delta}")
         if self.estimator == "rff" and self.kernel != "gaussian":
             problems.add(join(path, "estimator"),
                          f"rff (random Fourier features) approximates the gaussian kernel only, found kernel "
@@ -141,6 +164,23 @@ def feature_cka(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
     return cross / ((phi_a.T @ phi_a).norm() * (phi_b.T @ phi_b).norm()).clamp_min(tiny)
 
 
+def group_width(width: int, groups: int) -> int:
+    """Neurons per group when a block of ``width`` outputs is split into ``groups``; a clear error
+    unless they divide it into groups of at least 2 (one neuron has no spread: always delta)."""
+    if width % groups or width // groups < 2:
+        raise LayerwiseError(f"groups: {groups} must divide the block's {width} outputs into groups of at least "
+                             f"2 neurons; try a divisor of {width} no larger than {width // 2}")
+    return width // groups
+
+
+def grouped_activity(z: torch.Tensor, groups: int, power: float, delta: float) -> torch.Tensor:
+    """``(m, groups)``: each sample's spread within each contiguous group of ``z``'s columns,
+    ``((sum (z - group mean)^2 + delta) / size) ** power``; differentiable."""
+    split = z.reshape(z.shape[0], groups, -1)
+    deviations = split - split.mean(dim=-1, keepdim=True)
+    return ((deviations.square().sum(dim=-1) + delta) / split.shape[-1]).pow(power)
+
+
 def exact_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, cfg: NHSICConfig,
                 kernels: KernelCache) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nHSIC(Z, X), nHSIC(Z, Y))`` from exact ``m x m`` Grams, for flat ``z``, ``x`` and one-hot
@@ -170,11 +210,14 @@ class NHSIC(Objective):
 
     def __init__(self, config: NHSICConfig, info):
         super().__init__(config, info)
+        width = math.prod(info.out_shape)
+        if config.groups:
+            group_width(width, config.groups)
         if config.estimator == "rff":
             # Buffers, so the frequencies follow the model to its device once; not saved in
             # checkpoints (persistent=False) since the seed regenerates them exactly.
             # (The labels need none: their kernel is exactly U U^T with C columns, label_factors.)
-            widths = {"z": math.prod(info.out_shape), "x": math.prod(info.input_shape)}
+            widths = {"z": config.groups or width, "x": math.prod(info.input_shape)}
             for name, width in widths.items():
                 freqs, phases = fourier_frequencies(width, config)
                 self.register_buffer(f"freqs_{name}", freqs, persistent=False)
@@ -197,7 +240,7 @@ class NHSIC(Objective):
 
     def nonfinite_hint(self) -> str:
         """Tiny sigmas overflow the kernel's exponent; otherwise the block's own updates are suspect."""
-        width = math.prod(self.info.out_shape)
+        width = self.config.groups or math.prod(self.info.out_shape)  # what the kernel of Z sees
         if self.config.kernel == "gaussian" and self.config.sigma < 1:
             return (f"sigma {self.config.sigma:g} too small for the kernel widths (d = {width} for this block, "
                     f"{self.info.num_classes} for the labels): the exponent 1/(2 sigma^2 d) overflows and the "
@@ -215,6 +258,8 @@ class NHSIC(Objective):
         cfg: NHSICConfig = self.config
         dtype = torch.promote_types(z.dtype, torch.float32)
         z = z.flatten(1).to(dtype)
+        if cfg.groups:
+            z = grouped_activity(z, cfg.groups, cfg.group_power, cfg.group_delta)
         x = ctx.x.flatten(1).to(dtype)
         y = ctx.y_onehot().to(dtype)
         if cfg.estimator == "rff":
