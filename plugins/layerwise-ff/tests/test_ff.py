@@ -9,7 +9,7 @@ import torch
 
 from layerwise.errors import RecipeError
 from layerwise.testing import check_objective, tiny_graph
-from layerwise_ff.layers import LengthNorm
+from layerwise_ff.layers import RootMeanSquareNorm
 from layerwise_ff.objective import FFConfig, ForwardForward
 from layerwise_ff.streams import embed
 
@@ -107,9 +107,9 @@ def test_the_symba_loss_reads_only_the_gap_between_a_positive_and_its_negative()
 
 def test_fflinear_sees_its_input_at_a_root_mean_square_of_one_whatever_its_scale():
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
-    out = LengthNorm()(x * 37.0)
+    out = RootMeanSquareNorm()(x * 37.0)
     torch.testing.assert_close(out.pow(2).mean(dim=1), torch.ones(5, dtype=torch.float64), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out, LengthNorm()(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, RootMeanSquareNorm()(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.integration
