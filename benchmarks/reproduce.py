@@ -162,15 +162,15 @@ def augment_settings(dataset: str) -> list[str]:
 
 
 def phsic_candidates(method: str, dataset: str) -> dict[str, list[str]]:
-    """The settings tried on validation for an nHSIC method of the pHSIC network: the kernel and,
-    for HSIC-only networks, grouped neurons (pHSIC's "grp": 32 groups of 32, power 0.5, delta 1),
-    with and without augmentation."""
+    """The settings tried on validation for an nHSIC method of the pHSIC network: the kernel, with
+    and without grouped neurons (pHSIC's "grp": 32 groups of 32, power 0.5, delta 1), and for
+    HSIC-only networks grouped neurons with augmentation."""
     paths = objective_paths(f"phsic_mnist_{method}")
     candidates = {kernel: [f"{path}.kernel={kernel}" for path in paths] for kernel in ("gaussian", "cosine")}
-    if method == "hsic":
-        for kernel in ("gaussian", "cosine"):
-            grouped = candidates[kernel] + [f"{path}.groups={PHSIC_GROUPS}" for path in paths]
-            candidates[f"{kernel}, {PHSIC_GROUPS} groups"] = grouped
+    for kernel in ("gaussian", "cosine"):
+        grouped = candidates[kernel] + [f"{path}.groups={PHSIC_GROUPS}" for path in paths]
+        candidates[f"{kernel}, {PHSIC_GROUPS} groups"] = grouped
+        if method == "hsic":
             candidates[f"{kernel}, {PHSIC_GROUPS} groups, augment"] = grouped + augment_settings(dataset)
     return candidates
 
