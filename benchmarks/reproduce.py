@@ -129,6 +129,10 @@ PHSIC_EPOCHS = {"mnist": 15, "fashion_mnist": 15, "cifar10": 10}
 # Seeds per (dataset, method), 1 unless named: the MNIST hybrid, nearest its target, has 3.
 PHSIC_SEEDS = {("mnist", "hsic"): 2, ("mnist", "hybrid"): 3}
 PHSIC_GROUPS = 32
+# Where the 5-epoch candidates left the target out of reach (MNIST's HSIC-only network), two more
+# candidates at the length of a test run, with and without augmentation; a candidate that sets its
+# epochs keeps them in the test runs.
+PHSIC_LONGER = {("mnist", "hsic"): 20}
 HYBRID_DATASETS = ("mnist", "fashion_mnist")
 HYBRID_EPOCHS = 25
 # The datasets whose hybrid missed its target with the first three candidates, and the groups of the
@@ -172,6 +176,12 @@ def phsic_candidates(method: str, dataset: str) -> dict[str, list[str]]:
         candidates[f"{kernel}, {PHSIC_GROUPS} groups"] = grouped
         if method == "hsic":
             candidates[f"{kernel}, {PHSIC_GROUPS} groups, augment"] = grouped + augment_settings(dataset)
+    if (dataset, method) in PHSIC_LONGER:
+        # Augmentation loses at 5 epochs but may win given time: both at the length of a test run.
+        epochs = PHSIC_LONGER[dataset, method]
+        grouped = candidates[f"gaussian, {PHSIC_GROUPS} groups"] + [f"train.epochs={epochs}"]
+        candidates[f"gaussian, {PHSIC_GROUPS} groups, {epochs} epochs"] = grouped
+        candidates[f"gaussian, {PHSIC_GROUPS} groups, augment, {epochs} epochs"] = grouped + augment_settings(dataset)
     return candidates
 
 
@@ -179,12 +189,17 @@ def phsic_select_jobs(seeds: list[int], out: Path) -> list[Job]:
     """pHSIC's 3x1024 MLP: each kernel on each dataset, seed 0, scored on held-out training samples.
     The backprop twin has no nHSIC setting to choose, so it is not in this study."""
     return [Job(f"{dataset}/{method}/{name}", f"phsic_{dataset}_{method}",
-                settings + COSINE + [f"train.epochs={PHSIC_SELECT_EPOCHS}", f"data.validation={VALIDATION}",
-                                     "seed=0"],
+                settings + COSINE + epochs_unless_set(settings, PHSIC_SELECT_EPOCHS)
+                + [f"data.validation={VALIDATION}", "seed=0"],
                 {"dataset": dataset, "method": method, "candidate": name, "settings": settings, "seed": 0},
                 eval_noise=[0.0])
             for dataset in PHSIC_DATASETS for method in ("hsic", "hybrid")
             for name, settings in phsic_candidates(method, dataset).items()]
+
+
+def epochs_unless_set(settings: list[str], epochs: int) -> list[str]:
+    """``train.epochs=EPOCHS``, unless a candidate's ``settings`` choose the epochs themselves."""
+    return [] if any(s.startswith("train.epochs=") for s in settings) else [f"train.epochs={epochs}"]
 
 
 def hybrid_candidates(dataset: str) -> dict[str, list[str]]:
@@ -320,9 +335,10 @@ def phsic_jobs(seeds: list[int], out: Path) -> list[Job]:
                 {"candidate": "—", "settings": []}
             if best is None:
                 continue  # its kernel is not chosen yet: the jobs appear once phsic-select has run
+            epochs = epochs_unless_set(best["settings"], PHSIC_EPOCHS[dataset])
             for seed in seeds[:PHSIC_SEEDS.get((dataset, method), 1)]:
                 jobs.append(Job(f"{dataset}/{method}/seed{seed}", f"phsic_{dataset}_{method}",
-                                best["settings"] + COSINE + [f"train.epochs={PHSIC_EPOCHS[dataset]}", f"seed={seed}"],
+                                best["settings"] + COSINE + epochs + [f"seed={seed}"],
                                 {"dataset": dataset, "method": method, "candidate": best["candidate"],
                                  "seed": seed}, eval_noise=[0.0]))
     return jobs
