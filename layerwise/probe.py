@@ -30,10 +30,11 @@ the kernel functions of :mod:`layerwise.objectives.kernels` (Gaussian kernels of
 ``sigma sqrt(d)``, centred, ``cca`` or ``cka``), always exact: at these batch sizes the exact
 statistic is cheap, and it has no random-feature error. Settings, per block:
 
-- an ``nhsic`` block: its own ``sigma``, ``normalization`` and ``eps``, so its values match
-  the ``hsic_zx`` and ``hsic_zy`` it logged in training (on the training set);
+- an ``nhsic`` block: its own ``sigma``, ``normalization``, ``eps`` and ``groups``, so its values
+  match the ``hsic_zx`` and ``hsic_zy`` it logged in training (on the training set);
 - any other block (``none``, a plugin's objective): those of the run's first ``nhsic`` block,
-  or, when the run has none, the ``nhsic`` defaults (``sigma`` 5, ``cca``, ``eps`` 1e-5).
+  ungrouped (its groups would not fit another width), or, when the run has none, the ``nhsic``
+  defaults (``sigma`` 5, ``cca``, ``eps`` 1e-5).
 
 Each row says which (``hsic_kernel``, ``hsic_sigma``, ``hsic_normalization``, ``hsic_from``).
 
@@ -46,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
 from layerwise.objectives.base import KernelCache
-from layerwise.objectives.nhsic import NHSICConfig, exact_terms
+from layerwise.objectives.nhsic import NHSICConfig, exact_terms, grouped_activity
 from layerwise.progress import progress_bar
 from layerwise.trainer import evaluate
 
@@ -89,7 +90,7 @@ def hsic_settings(graph: Network) -> dict[str, HSICSettings]:
     nhsic = [name for name in graph.order if isinstance(graph.blocks[name].spec.config, NHSICConfig)]
     if nhsic:
         first = graph.blocks[nhsic[0]].spec.config
-        fallback = HSICSettings(first, f"first nhsic block '{nhsic[0]}'")
+        fallback = HSICSettings(replace(first, groups=0), f"first nhsic block '{nhsic[0]}'")
     else:
         fallback = HSICSettings(NHSICConfig(), "nhsic defaults")
     settings = {}
@@ -111,6 +112,9 @@ def nhsic_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, settings
     kernels = kernels if kernels is not None else KernelCache()
     dtype = torch.promote_types(z.dtype, torch.float32)
     z, x, onehot = z.flatten(1).to(dtype), x.flatten(1).to(dtype), onehot.to(dtype)
+    cfg = settings.config
+    if cfg.groups:
+        z = grouped_activity(z, cfg.groups, cfg.group_power, cfg.group_delta)
     stats = torch.stack(exact_terms(z, x, onehot, settings.config, kernels))
     zx, zy = stats.tolist()
     return zx, zy

@@ -24,12 +24,13 @@ ROW_FIELDS = {"block", "objective", "features", "train_acc", "test_acc", "test_l
 
 @pytest.mark.parametrize("normalization", ["cca", "cka"])
 @pytest.mark.parametrize("kernel", ["gaussian", "cosine", "linear"])
-def test_nhsic_is_the_objectives_own_estimator(normalization, kernel):
+@pytest.mark.parametrize("groups", [0, 4])
+def test_nhsic_is_the_objectives_own_estimator(normalization, kernel, groups):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(48, 1, 6, 6, generator=generator)
     y = torch.arange(48) % 10
     z = torch.randn(48, 16, generator=generator)
-    config = NHSICConfig(sigma=4.0, normalization=normalization, kernel=kernel)
+    config = NHSICConfig(sigma=4.0, normalization=normalization, kernel=kernel, groups=groups)
     objective = NHSIC(config, BlockInfo("b", (36,), (16,), (1, 6, 6), 10))
     _, metrics = objective.loss(z, LossContext(x, y, 10))
     settings = HSICSettings(config, "own objective")
@@ -53,6 +54,11 @@ def test_each_block_is_measured_with_its_own_or_the_first_nhsic_settings():
     settings = hsic_settings(network_from_recipe(parse_recipe(data, "t"), (1, 28, 28), 10))
     assert settings["hsic1"] == HSICSettings(NHSICConfig(sigma=5.0), "own objective")
     assert settings["hsic2"] == HSICSettings(NHSICConfig(sigma=7.0, normalization="cka"), "own objective")
+    assert settings["bp1"] == settings["head"] == HSICSettings(NHSICConfig(sigma=5.0), "first nhsic block 'hsic1'")
+    data["model"]["subnetworks"][0]["blocks"][0]["objective"]["groups"] = 8  # hsic1: 32 wide
+    settings = hsic_settings(network_from_recipe(parse_recipe(data, "t"), (1, 28, 28), 10))
+    assert settings["hsic1"] == HSICSettings(NHSICConfig(sigma=5.0, groups=8), "own objective")
+    # other blocks borrow hsic1's settings ungrouped: 8 groups would not fit the head's 10 outputs
     assert settings["bp1"] == settings["head"] == HSICSettings(NHSICConfig(sigma=5.0), "first nhsic block 'hsic1'")
     data = tiny_recipe()
     data["model"]["subnetworks"][0]["blocks"][0]["objective"] = "none"

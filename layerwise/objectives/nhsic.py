@@ -164,13 +164,12 @@ def feature_cka(phi_a: torch.Tensor, phi_b: torch.Tensor) -> torch.Tensor:
     return cross / ((phi_a.T @ phi_a).norm() * (phi_b.T @ phi_b).norm()).clamp_min(tiny)
 
 
-def group_width(width: int, groups: int) -> int:
-    """Neurons per group when a block of ``width`` outputs is split into ``groups``; a clear error
-    unless they divide it into groups of at least 2 (one neuron has no spread: always delta)."""
+def check_groups(width: int, groups: int) -> None:
+    """A clear error unless ``groups`` divide a block of ``width`` outputs into groups of at least
+    2 neurons (one neuron has no spread: its activity would always be delta)."""
     if width % groups or width // groups < 2:
         raise LayerwiseError(f"groups: {groups} must divide the block's {width} outputs into groups of at least "
                              f"2 neurons; try a divisor of {width} no larger than {width // 2}")
-    return width // groups
 
 
 def grouped_activity(z: torch.Tensor, groups: int, power: float, delta: float) -> torch.Tensor:
@@ -212,7 +211,7 @@ class NHSIC(Objective):
         super().__init__(config, info)
         width = math.prod(info.out_shape)
         if config.groups:
-            group_width(width, config.groups)
+            check_groups(width, config.groups)
         if config.estimator == "rff":
             # Buffers, so the frequencies follow the model to its device once; not saved in
             # checkpoints (persistent=False) since the seed regenerates them exactly.
