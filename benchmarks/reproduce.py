@@ -505,7 +505,7 @@ def settings_table(records: dict, chosen_title: str, target_title: str, target, 
 
 
 def phsic_markdown(records: dict) -> list[str]:
-    return settings_table(records, "kernel (chosen on validation)", "pHSIC README %",
+    return settings_table(records, "settings (chosen on validation)", "pHSIC README %",
                           lambda dataset, method: PHSIC_PUBLISHED.get(method, {}).get(dataset))
 
 
