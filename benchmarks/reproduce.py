@@ -187,7 +187,7 @@ def phsic_candidates(method: str, dataset: str) -> dict[str, list[str]]:
 
 
 def phsic_select_jobs(seeds: list[int], out: Path) -> list[Job]:
-    """pHSIC's 3x1024 MLP: each kernel on each dataset, seed 0, scored on held-out training samples.
+    """pHSIC's 3x1024 MLP: each candidate on each dataset, seed 0, scored on held-out training samples.
     The backprop twin has no nHSIC setting to choose, so it is not in this study."""
     return [Job(f"{dataset}/{method}/{name}", f"phsic_{dataset}_{method}",
                 settings + COSINE + epochs_unless_set(settings, PHSIC_SELECT_EPOCHS)

@@ -118,3 +118,43 @@ def test_a_tiny_run_never_writes_among_the_measured_results(study, tmp_path, mon
     assert not (tmp_path / "measured").exists()
     assert json.loads((tmp_path / "runs" / "tiny-results" / "fake.json").read_text())["records"]
     assert trained[0][1][-3:] == ["train.device=cpu", "train.epochs=1", "data.train_limit=1000"]
+
+
+def write_select(out, name: str, records: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"records": records}))
+
+
+def test_a_candidate_that_sets_its_epochs_keeps_them_in_selection_and_test_runs(tmp_path):
+    """MNIST's HSIC-only network has 20-epoch candidates: neither the select study's 5 epochs nor the
+    test runs' 15 may override them; the other candidates keep the study's lengths."""
+    reproduce = load("reproduce")
+    select = {job.key: job for job in reproduce.phsic_select_jobs([0], tmp_path)}
+    longer = select["mnist/hsic/gaussian, 32 groups, augment, 20 epochs"]
+    assert [o for o in longer.overrides if o.startswith("train.epochs=")] == ["train.epochs=20"]
+    assert "data.augment.crop_padding=2" in longer.overrides
+    assert "train.epochs=5" in select["mnist/hsic/gaussian, 32 groups"].overrides
+    assert not any(key.startswith("fashion_mnist/hsic/") and "20 epochs" in key for key in select)
+    # every MNIST HSIC-only candidate has a record; the 20-epoch one has the best validation accuracy
+    records = {job.key: {**job.labels, "overrides": job.overrides + ["train.device=cpu"],
+                         "val_acc": 0.99 if job is longer else 0.9}
+               for job in select.values() if job.key.startswith("mnist/hsic/")}
+    write_select(tmp_path, "phsic-select", records)
+    tests = [job for job in reproduce.phsic_jobs([0, 1, 2], tmp_path) if job.key.startswith("mnist/hsic/")]
+    assert [job.key for job in tests] == ["mnist/hsic/seed0", "mnist/hsic/seed1", "mnist/hsic/seed2"]
+    for job in tests:
+        assert [o for o in job.overrides if o.startswith("train.epochs=")] == ["train.epochs=20"]
+
+
+def test_the_backprop_twin_takes_the_chosen_schedule_but_no_nhsic_option(tmp_path):
+    reproduce = load("reproduce")
+    select = [job for job in reproduce.hybrid_select_jobs([0], tmp_path) if job.labels["dataset"] == "fashion_mnist"]
+    grouped = next(job for job in select if job.labels["candidate"] == "50 epochs, cosine, 16 groups")
+    write_select(tmp_path, "hybrid-select", {
+        job.key: {**job.labels, "overrides": job.overrides, "val_acc": 0.9 if job is grouped else 0.8}
+        for job in select})
+    jobs = {job.key: job for job in reproduce.hybrid_jobs([0], tmp_path)}
+    hybrid, twin = jobs["fashion_mnist/hybrid/seed0"], jobs["fashion_mnist/backprop/seed0"]
+    assert sum(o.endswith(".objective.groups=16") for o in hybrid.overrides) == 2
+    assert "train.epochs=50" in twin.overrides and "optim.schedule.name=cosine" in twin.overrides
+    assert not any(o.startswith("model.") for o in twin.overrides)
