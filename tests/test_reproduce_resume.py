@@ -140,10 +140,16 @@ def test_a_candidate_that_sets_its_epochs_keeps_them_in_selection_and_test_runs(
                          "val_acc": 0.99 if job is longer else 0.9}
                for job in select.values() if job.key.startswith("mnist/hsic/")}
     write_select(tmp_path, "phsic-select", records)
-    tests = [job for job in reproduce.phsic_jobs([0, 1, 2], tmp_path) if job.key.startswith("mnist/hsic/")]
+    jobs = {job.key: job for job in reproduce.phsic_jobs([0, 1, 2], tmp_path)}
+    tests = [job for key, job in jobs.items() if key.startswith("mnist/hsic/")]
     assert [job.key for job in tests] == ["mnist/hsic/seed0", "mnist/hsic/seed1", "mnist/hsic/seed2"]
     for job in tests:
         assert [o for o in job.overrides if o.startswith("train.epochs=")] == ["train.epochs=20"]
+    # the backprop twin is also trained as the winner was (augmentation, 20 epochs), in a row of its own
+    twin = jobs[f"mnist/{reproduce.PHSIC_TWIN}/seed0"]
+    assert twin.recipe == "phsic_mnist_backprop" and not any(o.startswith("model.") for o in twin.overrides)
+    assert "train.epochs=20" in twin.overrides and "data.augment.crop_padding=2" in twin.overrides
+    assert "train.epochs=15" in jobs["mnist/backprop/seed0"].overrides
 
 
 def test_the_backprop_twin_takes_the_chosen_schedule_but_no_nhsic_option(tmp_path):
