@@ -366,10 +366,11 @@ def hybrid_jobs(seeds: list[int], out: Path) -> list[Job]:
             # The twin takes the chosen epochs, schedule and augmentation; the nHSIC options (model.*)
             # have no block to apply to in it.
             settings = [s for s in best["settings"] if method == "hybrid" or not s.startswith("model.")]
+            candidate = best["candidate"] if settings == best["settings"] else "the hybrid's, less its nHSIC options"
             for seed in seeds:
                 jobs.append(Job(f"{dataset}/{method}/seed{seed}", recipe,
                                 retarget + settings + [f"seed={seed}"],
-                                {"dataset": dataset, "method": method, "candidate": best["candidate"],
+                                {"dataset": dataset, "method": method, "candidate": candidate,
                                  "seed": seed}, eval_noise=[0.0]))
     return jobs
 
@@ -662,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
             state["records"] = in_study_order(state["records"], list(catalog))
             shown = [key for key, rec in state["records"].items()
                      if key in catalog and current(rec, catalog[key], extra(catalog[key]))]
+            for key in shown:  # labels only describe a job, so a current record takes the code's wording
+                state["records"][key].update(catalog[key].labels)
             write_results(args.study, args.out, state, shown)
 
     todo = [job for job in jobs if not current(state["records"].get(job.key), job, extra(job))]

@@ -164,3 +164,15 @@ def test_the_backprop_twin_takes_the_chosen_schedule_but_no_nhsic_option(tmp_pat
     assert sum(o.endswith(".objective.groups=16") for o in hybrid.overrides) == 2
     assert "train.epochs=50" in twin.overrides and "optim.schedule.name=cosine" in twin.overrides
     assert not any(o.startswith("model.") for o in twin.overrides)
+
+
+def test_a_current_record_takes_the_jobs_current_labels_without_training(study, tmp_path):
+    reproduce, settings, trained, main = study
+    main()
+    path = tmp_path / "out" / "fake.json"
+    state = json.loads(path.read_text())
+    state["records"]["a/seed0"]["name"] = "old wording"
+    path.write_text(json.dumps(state))
+    trained.clear()
+    records, table = main()
+    assert trained == [] and records["a/seed0"]["name"] == "a" and "row a0" in table
