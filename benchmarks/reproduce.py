@@ -122,7 +122,6 @@ def conv_jobs(seeds: list[int], out: Path) -> list[Job]:
 # settings are chosen by validation accuracy alone, by code, and the choice is written beside them.
 
 PHSIC_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-PHSIC_METHODS = ("hsic", "hybrid", "backprop")
 PHSIC_SELECT_EPOCHS = 5
 # Epochs and seeds of the test runs: fewer on the longest runs, to fit the set in one session of a 2-core CPU.
 PHSIC_EPOCHS = {"mnist": 15, "fashion_mnist": 15, "cifar10": 10}
