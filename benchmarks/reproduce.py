@@ -200,6 +200,11 @@ def phsic_select_jobs(seeds: list[int], out: Path) -> list[Job]:
             for name, settings in phsic_candidates(method, dataset).items()]
 
 
+def training_settings(settings: list[str]) -> list[str]:
+    """A candidate's settings less its model options (model.*): what a backprop twin can take."""
+    return [s for s in settings if not s.startswith("model.")]
+
+
 def epochs_unless_set(settings: list[str], epochs: int) -> list[str]:
     """``train.epochs=EPOCHS``, unless a candidate's ``settings`` choose the epochs themselves."""
     return [] if any(s.startswith("train.epochs=") for s in settings) else [f"train.epochs={epochs}"]
@@ -338,7 +343,7 @@ def phsic_jobs(seeds: list[int], out: Path) -> list[Job]:
     for dataset in PHSIC_DATASETS:
         winners = {method: chosen(out, "phsic-select", dataset, method) for method in ("hsic", "hybrid")}
         winners["backprop"] = {"candidate": "—", "settings": []}
-        training = [s for s in (winners["hsic"] or {"settings": []})["settings"] if not s.startswith("model.")]
+        training = training_settings((winners["hsic"] or {"settings": []})["settings"])
         if training:
             winners[PHSIC_TWIN] = {"candidate": ", ".join(training), "settings": training}
         for method, best in winners.items():
@@ -365,7 +370,7 @@ def hybrid_jobs(seeds: list[int], out: Path) -> list[Job]:
             recipe, retarget = method_recipe(method, dataset)
             # The twin takes the chosen epochs, schedule and augmentation; the nHSIC options (model.*)
             # have no block to apply to in it.
-            settings = [s for s in best["settings"] if method == "hybrid" or not s.startswith("model.")]
+            settings = best["settings"] if method == "hybrid" else training_settings(best["settings"])
             candidate = best["candidate"] if settings == best["settings"] else "the hybrid's, less its nHSIC options"
             for seed in seeds:
                 jobs.append(Job(f"{dataset}/{method}/seed{seed}", recipe,

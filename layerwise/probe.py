@@ -60,7 +60,7 @@ from layerwise.errors import LayerwiseError
 from layerwise.factory import dataset_spec
 from layerwise.graph import Network
 from layerwise.objectives.base import KernelCache
-from layerwise.objectives.nhsic import NHSICConfig, exact_terms, grouped_activity
+from layerwise.objectives.nhsic import NHSICConfig, exact_terms, kernel_input
 from layerwise.progress import progress_bar
 from layerwise.trainer import evaluate
 
@@ -111,10 +111,7 @@ def nhsic_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, settings
     which every block of the batch shares, as training does."""
     kernels = kernels if kernels is not None else KernelCache()
     dtype = torch.promote_types(z.dtype, torch.float32)
-    z, x, onehot = z.flatten(1).to(dtype), x.flatten(1).to(dtype), onehot.to(dtype)
-    cfg = settings.config
-    if cfg.groups:
-        z = grouped_activity(z, cfg.groups, cfg.group_power, cfg.group_delta)
+    z, x, onehot = kernel_input(z, settings.config, dtype), x.flatten(1).to(dtype), onehot.to(dtype)
     stats = torch.stack(exact_terms(z, x, onehot, settings.config, kernels))
     zx, zy = stats.tolist()
     return zx, zy

@@ -180,6 +180,12 @@ def grouped_activity(z: torch.Tensor, groups: int, power: float, delta: float) -
     return ((deviations.square().sum(dim=-1) + delta) / split.shape[-1]).pow(power)
 
 
+def kernel_input(z: torch.Tensor, cfg: NHSICConfig, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernel of Z sees: the block's output flattened, in ``dtype``, grouped when ``cfg.groups``."""
+    z = z.flatten(1).to(dtype)
+    return grouped_activity(z, cfg.groups, cfg.group_power, cfg.group_delta) if cfg.groups else z
+
+
 def exact_terms(z: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor, cfg: NHSICConfig,
                 kernels: KernelCache) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nHSIC(Z, X), nHSIC(Z, Y))`` from exact ``m x m`` Grams, for flat ``z``, ``x`` and one-hot
@@ -256,9 +262,7 @@ class NHSIC(Objective):
         """:meth:`loss` in at least float32."""
         cfg: NHSICConfig = self.config
         dtype = torch.promote_types(z.dtype, torch.float32)
-        z = z.flatten(1).to(dtype)
-        if cfg.groups:
-            z = grouped_activity(z, cfg.groups, cfg.group_power, cfg.group_delta)
+        z = kernel_input(z, cfg, dtype)
         x = ctx.x.flatten(1).to(dtype)
         y = ctx.y_onehot().to(dtype)
         if cfg.estimator == "rff":
